@@ -1,0 +1,2 @@
+//! Benchmarks and reference-connector engines.
+pub mod connector;

@@ -1,0 +1,10 @@
+//! kvfs: a FUSE filesystem for LLM KV-cache block files, tiered behind the mount.
+//!
+//! Data flows one way: `fs` (the FUSE adapter and the filesystem core) calls
+//! `namespace` (names, inodes, file states) and `store` (where the bytes live).
+
+pub mod bench;
+pub mod config;
+pub mod fs;
+pub mod namespace;
+pub mod store;
