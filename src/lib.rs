@@ -6,5 +6,6 @@
 pub mod bench;
 pub mod config;
 pub mod fs;
+pub mod metrics;
 pub mod namespace;
 pub mod store;

@@ -1,0 +1,9 @@
+//! The filesystem as the kernel sees it: the core (`core`), the `fuser`
+//! adapter (`fuse`), the errno mapping (`errno`) and mounting (`mount`).
+
+pub mod core;
+pub mod errno;
+mod fuse;
+pub mod mount;
+
+pub use core::{DataMode, Kvfs};

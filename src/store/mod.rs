@@ -1,0 +1,28 @@
+//! The block store: where the bytes of each regular file live, and how much
+//! room each tier has. It knows inode numbers, never names or FUSE.
+//!
+//! Only the host tier exists so far (`host`): one page-locked memfd per file,
+//! bounded by a byte-weighted LRU.
+
+pub mod host;
+
+pub use host::{HostFile, HostTier, HostUsage};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Open or still-written data fills the tier; nothing can be evicted.
+    #[error("host tier full: {used} of {capacity} bytes used by open or unsealed files")]
+    NoSpace { used: u64, capacity: u64 },
+    #[error("{op}: {source}")]
+    Io {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl StoreError {
+    pub(crate) fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> StoreError {
+        move |source| StoreError::Io { op, source }
+    }
+}

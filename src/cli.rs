@@ -1,0 +1,377 @@
+//! The command line: `kvfs mount | unmount | status | bench`. Each command
+//! parses its arguments and calls the library; `anyhow` lives only here.
+
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+use kvfs::bench::connector::{self, Pattern, RunSpec};
+use kvfs::config::{Config, MountArgs, format_size, parse_size};
+use kvfs::fs::mount;
+
+/// Environment variable through which a `--daemon` parent hands its child
+/// the write end of the readiness pipe.
+const READY_FD_ENV: &str = "KVFS_READY_FD";
+
+#[derive(Parser)]
+#[command(
+    name = "kvfs",
+    version,
+    about = "A tiered FUSE filesystem for LLM KV-cache blocks"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Mount kvfs on a directory (foreground unless --daemon).
+    Mount(MountArgs),
+    /// Unmount a kvfs mount point.
+    Unmount {
+        mountpoint: PathBuf,
+        /// Detach now even if files are open; the mount goes when they close.
+        #[arg(long)]
+        lazy: bool,
+    },
+    /// Show tiers, capacity, counters and the data path of a mount.
+    Status {
+        mountpoint: PathBuf,
+        /// Print the raw JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Benchmarks and workload generators.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Store and/or load block files exactly as a reference connector does;
+    /// prints one JSON report per phase.
+    Connector {
+        /// Directory to use as the connector's root (a kvfs mount, tmpfs, ...).
+        #[arg(long)]
+        dir: PathBuf,
+        /// vllm (O_DIRECT, one write/readv) or llmd (rename while open).
+        #[arg(long, default_value = "llmd")]
+        pattern: Pattern,
+        #[arg(long, default_value_t = 16)]
+        files: u64,
+        #[arg(long, default_value = "32MiB")]
+        file_size: String,
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// store, load or both.
+        #[arg(long, default_value = "both")]
+        phase: String,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+}
+
+/// Errors that mean "you asked for something invalid": exit code 2.
+#[derive(Debug)]
+struct UsageError(String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Mount(args) => cmd_mount(args),
+        Cmd::Unmount { mountpoint, lazy } => {
+            mount::unmount(&mountpoint, lazy).map_err(anyhow::Error::from)
+        }
+        Cmd::Status { mountpoint, json } => cmd_status(&mountpoint, json),
+        Cmd::Bench(BenchCmd::Connector {
+            dir,
+            pattern,
+            files,
+            file_size,
+            threads,
+            phase,
+            seed,
+        }) => cmd_bench_connector(dir, pattern, files, &file_size, threads, &phase, seed),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kvfs: {e:#}");
+            if e.downcast_ref::<UsageError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn init_logging(config: &Config) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KVFS_LOG")
+        .unwrap_or_else(|_| format!("kvfs={0},fuser=warn", config.log_level).into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match &config.log_file {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("cannot open log file {}", path.display()))?;
+            builder.with_ansi(false).with_writer(file).init();
+        }
+        None => builder.with_writer(std::io::stderr).init(),
+    }
+    Ok(())
+}
+
+fn cmd_mount(args: MountArgs) -> anyhow::Result<()> {
+    let config = Config::resolve(&args).map_err(|e| UsageError(e.to_string()))?;
+    if config.daemon {
+        return spawn_daemon(&config);
+    }
+    // A daemon child reports readiness (or the reason it failed) here.
+    let mut ready: Option<std::fs::File> = std::env::var(READY_FD_ENV)
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+        // SAFETY: the parent passed us this fd for exactly this purpose.
+        .map(|fd| std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) }));
+    let outcome = run_foreground(&config, &mut ready);
+    if let (Err(e), Some(mut r)) = (&outcome, ready) {
+        let _ = writeln!(r, "{e:#}");
+    }
+    outcome
+}
+
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: sigset manipulation on a local set; the mask is inherited by
+    // every thread spawned afterwards, so only the waiter sees the signals.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// Mounts and serves until unmounted. `ready` is taken (and so closed, which
+/// the waiting parent sees as end of file) once the mount is up.
+fn run_foreground(config: &Config, ready: &mut Option<std::fs::File>) -> anyhow::Result<()> {
+    init_logging(config)?;
+    let signals = block_signals();
+    let mounted = mount::mount(config)?;
+    let mountpoint = mounted.mountpoint.clone();
+    std::thread::Builder::new()
+        .name("kvfs-signals".into())
+        .spawn(move || {
+            let mut sig = 0;
+            // SAFETY: waits on the set blocked above.
+            unsafe { libc::sigwait(&signals, &mut sig) };
+            tracing::info!(signal = sig, "unmounting on signal");
+            if let Err(e) = mount::unmount(&mountpoint, false) {
+                tracing::warn!(error = %e, "unmount failed; detaching lazily");
+                let _ = mount::unmount(&mountpoint, true);
+            }
+        })
+        .context("cannot start the signal thread")?;
+    if let Some(mut r) = ready.take() {
+        writeln!(r, "ready").context("cannot report readiness")?;
+    }
+    mounted.wait().context("FUSE session ended with an error")?;
+    tracing::info!("unmounted");
+    Ok(())
+}
+
+/// Starts `kvfs mount` again in the background and returns once it has
+/// mounted (exit 0) or failed (its reason on stderr, exit 1).
+fn spawn_daemon(config: &Config) -> anyhow::Result<()> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills two fds we then own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        bail!("pipe: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: fresh fds from pipe2.
+    let (mut rd, wr) = unsafe {
+        (
+            std::fs::File::from(OwnedFd::from_raw_fd(fds[0])),
+            OwnedFd::from_raw_fd(fds[1]),
+        )
+    };
+    let wr_fd = fds[1];
+    let exe = std::env::current_exe().context("cannot find the kvfs executable")?;
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--daemon")
+        .collect();
+    let mut cmd = Command::new(exe);
+    cmd.args(&args)
+        .env(READY_FD_ENV, wr_fd.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        // The child logs to --log-file if given; its failure to mount comes
+        // back through the pipe.
+        .stderr(Stdio::null());
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::setsid();
+            // Keep the write end across exec (it was opened close-on-exec).
+            if libc::fcntl(wr_fd, libc::F_SETFD, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("cannot start the kvfs daemon")?;
+    drop(wr);
+    let mut answer = String::new();
+    rd.read_to_string(&mut answer)
+        .context("cannot read the daemon's readiness")?;
+    if answer.trim() == "ready" {
+        println!(
+            "kvfs mounted on {} (pid {})",
+            config.mountpoint.display(),
+            child.id()
+        );
+        return Ok(());
+    }
+    let status = child.wait().ok();
+    let reason = answer.trim();
+    if reason.is_empty() {
+        bail!("the kvfs daemon exited before mounting ({status:?})");
+    }
+    bail!("{reason}");
+}
+
+fn cmd_status(mountpoint: &Path, json: bool) -> anyhow::Result<()> {
+    let path = mountpoint.join(".kvfs/status");
+    let mut text = String::new();
+    std::fs::File::open(&path)
+        .and_then(|mut f| f.read_to_string(&mut text))
+        .map_err(|e| {
+            UsageError(format!(
+                "{} is not a kvfs mount ({e})",
+                mountpoint.display()
+            ))
+        })?;
+    if json {
+        print!("{text}");
+        return Ok(());
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&text).context("the status document is not JSON")?;
+    let n = |p: &str| {
+        v.pointer(p)
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0)
+    };
+    let s = |p: &str| {
+        v.pointer(p)
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("?")
+            .to_string()
+    };
+    println!(
+        "kvfs {} on {}  data path: {}",
+        s("/version"),
+        mountpoint.display(),
+        s("/data_path")
+    );
+    println!(
+        "{:<6} {:>12} {:>12} {:>8}  page-locked",
+        "tier", "used", "capacity", "files"
+    );
+    let locked = if v
+        .pointer("/host/locking")
+        .and_then(serde_json::Value::as_bool)
+        == Some(true)
+    {
+        format!("yes ({})", format_size(n("/host/locked_bytes")))
+    } else {
+        "no (RLIMIT_MEMLOCK?)".to_string()
+    };
+    println!(
+        "{:<6} {:>12} {:>12} {:>8}  {}",
+        "host",
+        format_size(n("/host/used")),
+        format_size(n("/host/capacity")),
+        n("/host/files"),
+        locked
+    );
+    println!(
+        "files {}  hits {}  misses {}  creates {}  opens {}  evictions {}",
+        n("/files"),
+        n("/counters/hits"),
+        n("/counters/misses"),
+        n("/counters/creates"),
+        n("/counters/opens"),
+        n("/host/evictions"),
+    );
+    println!(
+        "stored {} files, {}  daemon-served read {}, written {}",
+        n("/counters/sealed_files"),
+        format_size(n("/counters/sealed_bytes")),
+        format_size(n("/counters/daemon_read_bytes")),
+        format_size(n("/counters/daemon_write_bytes")),
+    );
+    Ok(())
+}
+
+fn cmd_bench_connector(
+    dir: PathBuf,
+    pattern: Pattern,
+    files: u64,
+    file_size: &str,
+    threads: usize,
+    phase: &str,
+    seed: u64,
+) -> anyhow::Result<()> {
+    let file_size = parse_size(file_size).map_err(|e| UsageError(e.to_string()))? as usize;
+    if threads == 0 {
+        return Err(UsageError("--threads must be at least 1".into()).into());
+    }
+    let spec = RunSpec {
+        root: dir,
+        pattern,
+        files,
+        file_size,
+        threads,
+        seed,
+    };
+    let (store, load) = match phase {
+        "store" => (true, false),
+        "load" => (false, true),
+        "both" => (true, true),
+        other => {
+            return Err(UsageError(format!(
+                "--phase must be store, load or both, not {other:?}"
+            ))
+            .into());
+        }
+    };
+    if store {
+        let r = connector::run_store(&spec)?;
+        println!("{}", serde_json::to_string(&r)?);
+    }
+    if load {
+        let r = connector::run_load(&spec)?;
+        println!("{}", serde_json::to_string(&r)?);
+    }
+    Ok(())
+}

@@ -1,0 +1,200 @@
+//! Mounting and unmounting: builds the core from a `Config`, starts the FUSE
+//! session, and forwards the daemon's own namespace changes (evictions) to
+//! the kernel from a thread of their own. Notifications are never sent from
+//! a request handler, where the kernel may hold the directory's lock the
+//! notification needs.
+
+use std::ffi::{CString, OsString};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc;
+
+use fuser::{BackgroundSession, INodeNo, MountOption, Session, SessionACL};
+
+use super::core::{Caller, DataMode, Kvfs};
+use super::fuse::FuseFs;
+use crate::config::{Config, DataPath};
+use crate::store::HostTier;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("cannot mount {path}: {source}")]
+    Mount {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the kernel does not offer FUSE passthrough (Linux >= 6.9 and CAP_SYS_ADMIN needed); \
+         use --data-path auto or fallback"
+    )]
+    NoPassthrough,
+    #[error("cannot unmount {path}: {source}")]
+    Unmount {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A mounted kvfs; dropping it unmounts.
+pub struct Mounted {
+    pub core: Arc<Kvfs>,
+    pub mountpoint: PathBuf,
+    session: BackgroundSession,
+}
+
+impl Mounted {
+    pub fn data_mode(&self) -> DataMode {
+        self.core.data_mode()
+    }
+
+    /// Blocks until the filesystem is unmounted (by `umount`, `kvfs
+    /// unmount`, or a signal handler calling [`unmount`]).
+    pub fn wait(self) -> std::io::Result<()> {
+        self.session.join()
+    }
+
+    /// Unmounts and waits for the session to end.
+    pub fn unmount(self) -> std::io::Result<()> {
+        self.session.umount_and_join()
+    }
+}
+
+/// Raises the limits a large cache needs: one memfd per resident file, and
+/// page-locked memory for all of them. Failures only mean lower limits.
+fn raise_limits() {
+    for (res, want) in [
+        (libc::RLIMIT_NOFILE, None),
+        (libc::RLIMIT_MEMLOCK, Some(libc::RLIM_INFINITY)),
+    ] {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: plain syscalls on a stack struct.
+        unsafe {
+            if libc::getrlimit(res, &mut lim) != 0 {
+                continue;
+            }
+            let target = want.unwrap_or(lim.rlim_max);
+            let raised = libc::rlimit {
+                rlim_cur: target,
+                rlim_max: target.max(lim.rlim_max),
+            };
+            if libc::setrlimit(res, &raised) != 0 {
+                lim.rlim_cur = lim.rlim_max;
+                libc::setrlimit(res, &lim);
+            }
+        }
+    }
+}
+
+pub fn mount(config: &Config) -> Result<Mounted, MountError> {
+    raise_limits();
+    // SAFETY: getuid/getgid cannot fail.
+    let me = unsafe {
+        Caller {
+            uid: libc::getuid(),
+            gid: libc::getgid(),
+        }
+    };
+    let core = Arc::new(Kvfs::new(HostTier::new(config.host_capacity, true), me));
+    let fs = FuseFs::new(Arc::clone(&core), config.data_path);
+
+    let options = vec![
+        MountOption::FSName("kvfs".into()),
+        MountOption::Subtype("kvfs".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+    ];
+    // The ACL also sets the kernel's allow_other option.
+    let acl = if config.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    let mut fuse_config = fuser::Config::default();
+    fuse_config.mount_options = options;
+    fuse_config.acl = acl;
+    fuse_config.n_threads = Some(config.threads);
+    fuse_config.clone_fd = true;
+
+    let session =
+        Session::new(fs, &config.mountpoint, &fuse_config).map_err(|source| MountError::Mount {
+            path: config.mountpoint.clone(),
+            source,
+        })?;
+    let notifier = session.notifier();
+    let (tx, rx) = mpsc::channel::<(u64, OsString)>();
+    core.set_invalidator(Box::new(move |parent, name| {
+        let _ = tx.send((parent, name));
+    }));
+    std::thread::Builder::new()
+        .name("kvfs-inval".into())
+        .spawn(move || {
+            for (parent, name) in rx {
+                // ENOENT just means the kernel had nothing cached.
+                if let Err(e) = notifier.inval_entry(INodeNo(parent), &name) {
+                    tracing::trace!(parent, ?name, error = %e, "dentry invalidation");
+                }
+            }
+        })
+        .map_err(|source| MountError::Mount {
+            path: config.mountpoint.clone(),
+            source,
+        })?;
+    let session = session.spawn().map_err(|source| MountError::Mount {
+        path: config.mountpoint.clone(),
+        source,
+    })?;
+    let mounted = Mounted {
+        core,
+        mountpoint: config.mountpoint.clone(),
+        session,
+    };
+    if config.data_path == DataPath::Passthrough && mounted.data_mode() != DataMode::Passthrough {
+        let _ = mounted.unmount();
+        return Err(MountError::NoPassthrough);
+    }
+    tracing::info!(
+        mountpoint = %config.mountpoint.display(),
+        host_capacity = config.host_capacity,
+        threads = config.threads,
+        data_path = ?mounted.data_mode(),
+        "mounted"
+    );
+    Ok(mounted)
+}
+
+/// Unmounts a kvfs mount point (any FUSE mount, in fact). With `lazy`, a
+/// busy mount is detached now and goes away when its last user closes.
+pub fn unmount(path: &Path, lazy: bool) -> Result<(), MountError> {
+    let err = |source| MountError::Unmount {
+        path: path.to_owned(),
+        source,
+    };
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| err(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+    let flags = if lazy { libc::MNT_DETACH } else { 0 };
+    // SAFETY: c is a valid C string.
+    if unsafe { libc::umount2(c.as_ptr(), flags) } == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EPERM) {
+        // Not root: the setuid helper unmounts what this user mounted.
+        let status = std::process::Command::new("fusermount3")
+            .arg("-u")
+            .args(lazy.then_some("-z"))
+            .arg(path)
+            .status()
+            .map_err(err)?;
+        if status.success() {
+            return Ok(());
+        }
+    }
+    Err(err(e))
+}
