@@ -55,6 +55,9 @@ fn io_err(op: &'static str) -> impl FnOnce(std::io::Error) -> FsError {
 
 pub type Result<T> = std::result::Result<T, FsError>;
 
+/// The unit in which the host tier's memory is allocated.
+const PAGE: u64 = 4096;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Dir,
@@ -387,7 +390,7 @@ impl Kvfs {
             Err(NsError::NotFound) => {}
             Err(e) => return Err(e.into()),
         }
-        let evicted = self.host.make_room(None)?;
+        let evicted = self.host.make_room_for_new_file()?;
         self.drop_evicted(&mut ns, &evicted);
         let owner = Owner {
             uid: caller.uid,
@@ -454,7 +457,7 @@ impl Kvfs {
         }
         let file = self.host.get(ino).ok_or(NsError::NotFound)?;
         if writable {
-            let evicted = self.host.make_room(None)?;
+            let evicted = self.host.make_room_for_new_file()?;
             self.drop_evicted(&mut ns, &evicted);
         }
         if flags & libc::O_TRUNC != 0 && writable {
@@ -517,11 +520,14 @@ impl Kvfs {
                 None => return Err(FsError::BadHandle(fh)),
             }
         };
-        let end = offset + data.len() as u64;
+        // Memory is allocated in pages: only pages past the current end cost
+        // more (holes below it are rare for block files and not counted).
+        let page_end = |n: u64| n.div_ceil(PAGE) * PAGE;
         let size = file.stat().map_err(io_err("fstat"))?.size;
-        if end > size {
+        let need = page_end(offset + data.len() as u64).saturating_sub(page_end(size));
+        if need > 0 {
             let mut ns = self.ns();
-            let evicted = self.host.make_room(Some(end - size))?;
+            let evicted = self.host.reserve(need)?;
             self.drop_evicted(&mut ns, &evicted);
         }
         file.write_at(data, offset).map_err(io_err("pwrite"))?;

@@ -62,11 +62,15 @@ impl Mounted {
     }
 }
 
-/// Raises the limits a large cache needs: one memfd per resident file, and
-/// page-locked memory for all of them. Failures only mean lower limits.
+/// Raises the limits a large cache needs: one memfd per resident file (up
+/// to the kernel's `fs.nr_open`, which root may reach), and page-locked
+/// memory for all of them. Failures only mean lower limits.
 fn raise_limits() {
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<libc::rlim_t>().ok());
     for (res, want) in [
-        (libc::RLIMIT_NOFILE, None),
+        (libc::RLIMIT_NOFILE, nr_open),
         (libc::RLIMIT_MEMLOCK, Some(libc::RLIM_INFINITY)),
     ] {
         let mut lim = libc::rlimit {

@@ -11,7 +11,7 @@
 //! really cost in memory: holes of sparse files are free.
 
 use std::any::Any;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
@@ -289,6 +289,9 @@ struct Inner {
     /// Files that may be evicted: sealed and not open. Open or written files
     /// are kept out of it, so eviction never has to skip.
     evictable: LruCache<u64, ()>,
+    /// The other files: open, or still being written. Kept apart so that
+    /// re-measuring them costs what is open, not what is stored.
+    in_use: HashSet<u64>,
     /// Sum of `Entry::bytes`.
     accounted: u64,
     /// Largest sealed file so far: the room a new writer probably needs.
@@ -307,10 +310,9 @@ impl Inner {
     /// passthrough writes never reach the daemon).
     fn refresh_in_use(&mut self) {
         let in_use: Vec<(u64, Arc<HostFile>)> = self
-            .files
+            .in_use
             .iter()
-            .filter(|(ino, _)| !self.evictable.contains(*ino))
-            .map(|(ino, e)| (*ino, Arc::clone(&e.file)))
+            .filter_map(|ino| self.files.get(ino).map(|e| (*ino, Arc::clone(&e.file))))
             .collect();
         for (ino, file) in in_use {
             if let Ok(st) = file.stat() {
@@ -356,6 +358,7 @@ impl HostTier {
             inner: Mutex::new(Inner {
                 files: HashMap::new(),
                 evictable: LruCache::unbounded(),
+                in_use: HashSet::new(),
                 accounted: 0,
                 largest: 0,
             }),
@@ -377,7 +380,9 @@ impl HostTier {
     /// A new, empty file, in use by its creator (not evictable).
     pub fn create(&self, ino: u64) -> Result<Arc<HostFile>, StoreError> {
         let file = Arc::new(HostFile::new(ino).map_err(StoreError::io("memfd_create"))?);
-        self.inner().files.insert(
+        let mut inner = self.inner();
+        inner.in_use.insert(ino);
+        inner.files.insert(
             ino,
             Entry {
                 file: Arc::clone(&file),
@@ -393,7 +398,10 @@ impl HostTier {
 
     /// The file is opened: it must not be evicted until [`HostTier::settle`].
     pub fn acquire(&self, ino: u64) {
-        self.inner().evictable.pop(&ino);
+        let mut inner = self.inner();
+        if inner.evictable.pop(&ino).is_some() {
+            inner.in_use.insert(ino);
+        }
     }
 
     /// Marks an access for the LRU.
@@ -413,6 +421,7 @@ impl HostTier {
             inner.set_bytes(ino, st.allocated);
             inner.largest = inner.largest.max(st.allocated.min(self.capacity));
         }
+        inner.in_use.remove(&ino);
         inner.evictable.put(ino, ());
         inner.refresh_in_use();
         let mut evicted = Vec::new();
@@ -447,16 +456,27 @@ impl HostTier {
     }
 
     /// Makes room for a new writer: evicts least recently used files until
-    /// `reserve` more bytes fit, or nothing evictable is left. Fails only if
-    /// the tier is already full of files that cannot be evicted.
-    pub fn make_room(&self, reserve: Option<u64>) -> Result<Vec<u64>, StoreError> {
+    /// a file as large as the largest seen so far fits, or nothing evictable
+    /// is left. Fails only if the tier is already full of files that cannot
+    /// be evicted.
+    pub fn make_room_for_new_file(&self) -> Result<Vec<u64>, StoreError> {
+        let reserve = {
+            let inner = self.inner();
+            inner.largest.max(MIN_RESERVE).min(self.capacity)
+        };
+        self.evict_for(reserve, false)
+    }
+
+    /// Makes room for `bytes` more allocated bytes, which must then fit.
+    pub fn reserve(&self, bytes: u64) -> Result<Vec<u64>, StoreError> {
+        self.evict_for(bytes, true)
+    }
+
+    fn evict_for(&self, bytes: u64, must_fit: bool) -> Result<Vec<u64>, StoreError> {
         let mut inner = self.inner();
-        let reserve = reserve
-            .unwrap_or(inner.largest.max(MIN_RESERVE))
-            .min(self.capacity);
         inner.refresh_in_use();
         let mut evicted = Vec::new();
-        while inner.accounted + reserve > self.capacity {
+        while inner.accounted + bytes > self.capacity {
             match inner.evict_one() {
                 Some(victim) => evicted.push(victim),
                 None => break,
@@ -466,7 +486,12 @@ impl HostTier {
         drop(inner);
         self.evictions
             .fetch_add(evicted.len() as u64, Ordering::Relaxed);
-        if used >= self.capacity {
+        let full = if must_fit {
+            used + bytes > self.capacity
+        } else {
+            used >= self.capacity
+        };
+        if full {
             return Err(StoreError::NoSpace {
                 used,
                 capacity: self.capacity,
@@ -480,6 +505,7 @@ impl HostTier {
     pub fn remove(&self, ino: u64) {
         let mut inner = self.inner();
         inner.evictable.pop(&ino);
+        inner.in_use.remove(&ino);
         if let Some(e) = inner.files.remove(&ino) {
             inner.accounted -= e.bytes;
         }
@@ -559,7 +585,7 @@ mod tests {
         tier.acquire(20); // opened again by a reader
         fill(&tier, 21, page as usize);
         // Only open or unsealed data: nothing to evict, and the tier is full.
-        match tier.make_room(Some(page)) {
+        match tier.reserve(page) {
             Err(StoreError::NoSpace { used, capacity }) => {
                 assert_eq!((used, capacity), (2 * page, 2 * page))
             }
@@ -568,7 +594,7 @@ mod tests {
         assert!(tier.get(20).is_some() && tier.get(21).is_some());
         // Once closed, the older file makes room.
         tier.settle(20);
-        assert_eq!(tier.make_room(Some(page)).unwrap(), vec![20]);
+        assert_eq!(tier.reserve(page).unwrap(), vec![20]);
     }
 
     #[test]

@@ -1,0 +1,153 @@
+//! Shared harness for the integration tests: mounts a real kvfs daemon (the
+//! built binary, in the foreground, as a child process) through the kernel's
+//! FUSE in a temp dir, and always unmounts it again, even when a test fails.
+
+#![allow(dead_code)]
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The two data paths every filesystem test runs in.
+pub const MODES: [&str; 2] = ["passthrough", "fallback"];
+
+pub struct KvfsMount {
+    pub dir: tempfile::TempDir,
+    pub mnt: PathBuf,
+    child: Option<Child>,
+}
+
+fn is_mounted(path: &Path) -> bool {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
+        return false;
+    };
+    let want = path.to_string_lossy();
+    mounts
+        .lines()
+        .any(|l| l.split(' ').nth(1) == Some(want.as_ref()))
+}
+
+fn umount(path: &Path, flags: i32) {
+    let c = CString::new(path.as_os_str().as_bytes()).expect("path without NUL");
+    // SAFETY: c is a valid C string.
+    unsafe { libc::umount2(c.as_ptr(), flags) };
+}
+
+impl KvfsMount {
+    /// Mounts kvfs with `args` (e.g. `["--data-path", "fallback"]`) and
+    /// waits until it serves requests.
+    pub fn start(args: &[&str]) -> KvfsMount {
+        assert!(
+            Path::new("/dev/fuse").exists(),
+            "these tests need /dev/fuse (the kernel's FUSE) and root"
+        );
+        let dir = tempfile::Builder::new()
+            .prefix("kvfs-test-")
+            .tempdir()
+            .expect("temp dir");
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).expect("mkdir mountpoint");
+        let log = std::fs::File::create(dir.path().join("kvfs.log")).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_kvfs"))
+            .arg("mount")
+            .arg(&mnt)
+            .args(args)
+            .env("KVFS_LOG_LEVEL", "debug")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn kvfs");
+        let mut m = KvfsMount {
+            dir,
+            mnt,
+            child: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !m.mnt.join(".kvfs/status").exists() {
+            if let Some(status) = m.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("kvfs exited before mounting ({status}):\n{}", m.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kvfs did not mount within 15 s:\n{}",
+                m.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        m
+    }
+
+    pub fn with_mode(mode: &str, extra: &[&str]) -> KvfsMount {
+        let mut args = vec!["--data-path", mode];
+        args.extend_from_slice(extra);
+        KvfsMount::start(&args)
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    /// The last lines of the daemon's log, for failure messages.
+    pub fn log(&self) -> String {
+        let all = std::fs::read_to_string(self.dir.path().join("kvfs.log")).unwrap_or_default();
+        let lines: Vec<&str> = all.lines().collect();
+        lines[lines.len().saturating_sub(60)..].join("\n")
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let text = std::fs::read_to_string(self.path(".kvfs/status")).expect("read status");
+        serde_json::from_str(&text).expect("status is JSON")
+    }
+
+    /// Stops the daemon with SIGTERM, as a user would, and returns its exit
+    /// status.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        // SAFETY: signalling our own child by PID.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                umount(&self.mnt, libc::MNT_DETACH);
+                let _ = child.kill();
+                return child.wait().ok();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for KvfsMount {
+    fn drop(&mut self) {
+        let status = self.stop();
+        if is_mounted(&self.mnt) {
+            umount(&self.mnt, libc::MNT_DETACH);
+        }
+        if std::thread::panicking() {
+            eprintln!("kvfs exited with {status:?}; its log:\n{}", self.log());
+        }
+    }
+}
+
+/// errno of the last failed libc call.
+pub fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+pub fn cstr(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).expect("path without NUL")
+}
+
+/// The errno an `std::io::Result` failed with.
+pub fn err_of<T: std::fmt::Debug>(r: std::io::Result<T>) -> i32 {
+    r.expect_err("expected an error")
+        .raw_os_error()
+        .expect("an OS error")
+}
