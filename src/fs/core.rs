@@ -571,7 +571,7 @@ impl Kvfs {
         }
         drop(ns);
         if settled {
-            self.host.lock_pages(&file);
+            self.host.park(&file);
         }
         Ok(())
     }
@@ -828,7 +828,7 @@ mod tests {
     const ME: Caller = Caller { uid: 0, gid: 0 };
 
     fn fs(capacity: u64) -> Kvfs {
-        Kvfs::new(HostTier::new(capacity, false), ME)
+        Kvfs::new(HostTier::scratch(capacity, false), ME)
     }
 
     fn put(fs: &Kvfs, name: &str, len: usize) -> Ino {

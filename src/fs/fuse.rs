@@ -111,13 +111,13 @@ trait OpenReply {
 
 impl OpenReply for ReplyOpen {
     fn backing(&self, file: &HostFile) -> std::io::Result<BackingId> {
-        self.open_backing(file.fd())
+        self.open_backing(&*file.fd()?)
     }
 }
 
 impl OpenReply for ReplyCreate {
     fn backing(&self, file: &HostFile) -> std::io::Result<BackingId> {
-        self.open_backing(file.fd())
+        self.open_backing(&*file.fd()?)
     }
 }
 

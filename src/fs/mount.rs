@@ -16,6 +16,7 @@ use super::core::{Caller, DataMode, Kvfs};
 use super::fuse::FuseFs;
 use crate::config::{Config, DataPath};
 use crate::store::HostTier;
+use crate::store::host::BackingDir;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
@@ -30,6 +31,12 @@ pub enum MountError {
          use --data-path auto or fallback"
     )]
     NoPassthrough,
+    #[error("cannot create the host tier's backing directory {path}: {source}")]
+    BackingDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot unmount {path}: {source}")]
     Unmount {
         path: PathBuf,
@@ -95,6 +102,45 @@ fn raise_limits() {
     }
 }
 
+/// Where backing files live: on /dev/shm (memory, and every Linux has it),
+/// one directory per daemon, named after its pid so leftovers of a daemon
+/// that died can be told apart from a live one's.
+fn backing_dir_path() -> PathBuf {
+    let base = Path::new("/dev/shm");
+    let base = if base.is_dir() {
+        base.to_owned()
+    } else {
+        std::env::temp_dir()
+    };
+    base.join(format!("kvfs-{}", std::process::id()))
+}
+
+/// Frees the memory of daemons that died without cleaning up (kill -9).
+fn remove_stale_backing_dirs(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("kvfs-"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        // Our own pid's directory is not created yet, so one there is stale.
+        if comm.trim() == "kvfs" && pid != std::process::id() {
+            continue;
+        }
+        tracing::info!(path = %entry.path().display(), "removing a dead daemon's backing files");
+        if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+            tracing::warn!(path = %entry.path().display(), error = %e, "cannot remove stale backing files");
+        }
+    }
+}
+
 pub fn mount(config: &Config) -> Result<Mounted, MountError> {
     raise_limits();
     // SAFETY: getuid/getgid cannot fail.
@@ -104,7 +150,14 @@ pub fn mount(config: &Config) -> Result<Mounted, MountError> {
             gid: libc::getgid(),
         }
     };
-    let core = Arc::new(Kvfs::new(HostTier::new(config.host_capacity, true), me));
+    let dir = backing_dir_path();
+    remove_stale_backing_dirs(dir.parent().unwrap_or(Path::new("/")));
+    let backing = BackingDir::create(&dir).map_err(|source| MountError::BackingDir {
+        path: dir.clone(),
+        source,
+    })?;
+    let host = HostTier::new(backing, config.host_capacity, true);
+    let core = Arc::new(Kvfs::new(host, me));
     let fs = FuseFs::new(Arc::clone(&core), config.data_path);
 
     let options = vec![

@@ -1,11 +1,16 @@
-//! The host tier: one memfd per resident file, page-locked once sealed, and a
+//! The host tier: one backing file per resident file, in a directory on a
+//! memory filesystem the daemon owns, page-locked once sealed, and a
 //! byte-weighted LRU that keeps the tier within its capacity.
 //!
-//! Each file's bytes live in a memfd the daemon owns. The FUSE layer answers
-//! opens with passthrough to that memfd, so reads and writes never cross into
-//! the daemon; that is also why sizes are learned with `fstat` rather than
-//! counted on the write path. The memfds stay shareable so a GPU client can
-//! map the same pages later.
+//! The FUSE layer answers opens with passthrough to a file's backing file,
+//! so reads and writes never cross into the daemon; that is also why sizes
+//! are learned with `fstat` rather than counted on the write path. Backing
+//! files are plain shmem files (the directory lives on /dev/shm by default),
+//! so a GPU client can map the same pages later.
+//!
+//! A backing file is held open only while the kernel has it open: a process
+//! may be limited to a few thousand descriptors (RLIMIT_NOFILE, which only
+//! CAP_SYS_RESOURCE can raise), and a cache holds far more files than that.
 //!
 //! Accounting counts allocated bytes (`st_blocks`), which is what the files
 //! really cost in memory: holes of sparse files are free.
@@ -14,7 +19,10 @@ use std::any::Any;
 use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
@@ -25,7 +33,24 @@ use super::StoreError;
 
 /// Smallest room kept ahead of a new writer when nothing bigger was seen yet.
 const MIN_RESERVE: u64 = 1 << 20;
+/// Files smaller than this are not page-locked: each locked file costs one
+/// memory mapping, and a process may only have vm.max_map_count (65530 by
+/// default) of them. KV blocks are megabytes.
+const LOCK_MIN_BYTES: u64 = 1 << 20;
 
+fn lock_or_recover<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere must not wedge the filesystem: each guarded value is
+    // consistent on its own.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
 /// A time to set on a file, as `utimensat` understands it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SetTime {
@@ -105,38 +130,92 @@ impl Drop for Locked {
     }
 }
 
+/// The directory holding the tier's backing files; removed with the tier.
+#[derive(Debug)]
+pub struct BackingDir {
+    path: PathBuf,
+    fd: OwnedFd,
+}
+
+impl BackingDir {
+    /// Creates `path` (which must not exist) with mode 0700.
+    pub fn create(path: &Path) -> io::Result<BackingDir> {
+        std::fs::DirBuilder::new().mode(0o700).create(path)?;
+        let c = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+        // SAFETY: valid C string; the fd is owned below.
+        let fd = cvt(unsafe {
+            libc::open(
+                c.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        })?;
+        Ok(BackingDir {
+            path: path.to_owned(),
+            // SAFETY: a fresh descriptor nobody else owns.
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for BackingDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.path) {
+            tracing::warn!(path = %self.path.display(), error = %e, "cannot remove the host tier's backing directory");
+        }
+    }
+}
+
 /// The bytes of one file in the host tier.
 pub struct HostFile {
     ino: u64,
-    fd: OwnedFd,
+    dir: Arc<BackingDir>,
+    name: CString,
+    /// Open while the file is in use (see the module doc).
+    fd: Mutex<Option<Arc<OwnedFd>>>,
     locked: Mutex<Option<Locked>>,
     /// An opaque handle the layer above ties to this file's lifetime (the
     /// FUSE layer keeps the kernel's backing id here, so the id lives exactly
-    /// as long as the memfd it names).
+    /// as long as the file it names).
     pub attachment: Mutex<Option<Arc<dyn Any + Send + Sync>>>,
 }
 
 impl std::fmt::Debug for HostFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HostFile")
-            .field("ino", &self.ino)
-            .field("fd", &self.fd.as_raw_fd())
-            .finish()
+        f.debug_struct("HostFile").field("ino", &self.ino).finish()
+    }
+}
+
+impl Drop for HostFile {
+    fn drop(&mut self) {
+        // The last reference is gone: nobody can reach the bytes any more.
+        // The kernel keeps its own reference while a passthrough open lasts.
+        // SAFETY: valid dirfd and C string.
+        unsafe { libc::unlinkat(self.dir.fd.as_raw_fd(), self.name.as_ptr(), 0) };
     }
 }
 
 impl HostFile {
-    fn new(ino: u64) -> io::Result<HostFile> {
-        let name = CString::new(format!("kvfs:{ino}")).map_err(io::Error::other)?;
-        // SAFETY: name is a valid C string; the returned fd is owned below.
-        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
+    fn new(dir: &Arc<BackingDir>, ino: u64) -> io::Result<HostFile> {
+        let name = CString::new(ino.to_string()).map_err(io::Error::other)?;
+        // SAFETY: valid dirfd and C string; the fd is owned below.
+        let fd = cvt(unsafe {
+            libc::openat(
+                dir.fd.as_raw_fd(),
+                name.as_ptr(),
+                libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
+                0o600,
+            )
+        })?;
         Ok(HostFile {
             ino,
-            // SAFETY: fd is a fresh descriptor nobody else owns.
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            dir: Arc::clone(dir),
+            name,
+            // SAFETY: a fresh descriptor nobody else owns.
+            fd: Mutex::new(Some(Arc::new(unsafe { OwnedFd::from_raw_fd(fd) }))),
             locked: Mutex::new(None),
             attachment: Mutex::new(None),
         })
@@ -146,17 +225,36 @@ impl HostFile {
         self.ino
     }
 
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+    /// The open backing file, opened again if it was closed.
+    pub fn fd(&self) -> io::Result<Arc<OwnedFd>> {
+        let mut slot = lock_or_recover(&self.fd);
+        if let Some(fd) = slot.as_ref() {
+            return Ok(Arc::clone(fd));
+        }
+        // SAFETY: valid dirfd and C string; the fd is owned below.
+        let raw = cvt(unsafe {
+            libc::openat(
+                self.dir.fd.as_raw_fd(),
+                self.name.as_ptr(),
+                libc::O_RDWR | libc::O_CLOEXEC,
+            )
+        })?;
+        // SAFETY: a fresh descriptor nobody else owns.
+        let fd = Arc::new(unsafe { OwnedFd::from_raw_fd(raw) });
+        *slot = Some(Arc::clone(&fd));
+        Ok(fd)
+    }
+
+    /// Closes the backing file while nobody uses it; the bytes stay.
+    fn close(&self) {
+        lock_or_recover(&self.fd).take();
     }
 
     pub fn stat(&self) -> io::Result<FileStat> {
-        // SAFETY: an all-zero stat is valid; fstat fills it.
+        // SAFETY: an all-zero stat is valid; fstatat fills it.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: fd is open for the lifetime of self.
-        if unsafe { libc::fstat(self.fd.as_raw_fd(), &mut st) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        // SAFETY: valid dirfd, C string and out pointer.
+        cvt(unsafe { libc::fstatat(self.dir.fd.as_raw_fd(), self.name.as_ptr(), &mut st, 0) })?;
         Ok(FileStat {
             size: st.st_size as u64,
             allocated: st.st_blocks as u64 * 512,
@@ -168,13 +266,14 @@ impl HostFile {
 
     /// Reads until `buf` is full or the end of file; returns the bytes read.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let fd = self.fd()?;
         let mut done = 0;
         while done < buf.len() {
             let rest = &mut buf[done..];
             // SAFETY: rest is a valid writable buffer of rest.len() bytes.
             let n = unsafe {
                 libc::pread(
-                    self.fd.as_raw_fd(),
+                    fd.as_raw_fd(),
                     rest.as_mut_ptr().cast(),
                     rest.len(),
                     (offset + done as u64) as libc::off_t,
@@ -196,13 +295,14 @@ impl HostFile {
 
     /// Writes all of `data` at `offset`.
     pub fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        let fd = self.fd()?;
         let mut done = 0;
         while done < data.len() {
             let rest = &data[done..];
             // SAFETY: rest is a valid readable buffer of rest.len() bytes.
             let n = unsafe {
                 libc::pwrite(
-                    self.fd.as_raw_fd(),
+                    fd.as_raw_fd(),
                     rest.as_ptr().cast(),
                     rest.len(),
                     (offset + done as u64) as libc::off_t,
@@ -221,19 +321,23 @@ impl HostFile {
     }
 
     pub fn set_len(&self, len: u64) -> io::Result<()> {
+        let fd = self.fd()?;
         // SAFETY: plain syscall on an owned fd.
-        if unsafe { libc::ftruncate(self.fd.as_raw_fd(), len as libc::off_t) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        cvt(unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) })?;
         Ok(())
     }
 
     pub fn set_times(&self, atime: SetTime, mtime: SetTime) -> io::Result<()> {
         let times = [atime.timespec(), mtime.timespec()];
-        // SAFETY: times points at two timespecs, as futimens requires.
-        if unsafe { libc::futimens(self.fd.as_raw_fd(), times.as_ptr()) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        // SAFETY: valid dirfd and C string; two timespecs as utimensat wants.
+        cvt(unsafe {
+            libc::utimensat(
+                self.dir.fd.as_raw_fd(),
+                self.name.as_ptr(),
+                times.as_ptr(),
+                0,
+            )
+        })?;
         Ok(())
     }
 
@@ -241,22 +345,23 @@ impl HostFile {
     /// sealed block cannot be swapped out. Returns the bytes locked.
     pub fn lock_pages(&self) -> io::Result<u64> {
         let len = self.stat()?.size as usize;
-        let mut slot = self.locked.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slot = lock_or_recover(&self.locked);
         if slot.as_ref().is_some_and(|l| l.len == len) {
             return Ok(len as u64);
         }
         *slot = None;
-        if len == 0 {
+        if (len as u64) < LOCK_MIN_BYTES {
             return Ok(0);
         }
-        // SAFETY: a fresh shared read-only mapping of our own fd.
+        let fd = self.fd()?;
+        // SAFETY: a fresh shared read-only mapping of our own file.
         let addr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ,
                 libc::MAP_SHARED,
-                self.fd.as_raw_fd(),
+                fd.as_raw_fd(),
                 0,
             )
         };
@@ -265,16 +370,15 @@ impl HostFile {
         }
         let mapping = Locked { addr, len };
         // SAFETY: addr/len describe the mapping just made.
-        if unsafe { libc::mlock(addr, len) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        cvt(unsafe { libc::mlock(addr, len) })?;
         *slot = Some(mapping);
         Ok(len as u64)
     }
 
     fn locked_len(&self) -> u64 {
-        let slot = self.locked.lock().unwrap_or_else(|p| p.into_inner());
-        slot.as_ref().map_or(0, |l| l.len as u64)
+        lock_or_recover(&self.locked)
+            .as_ref()
+            .map_or(0, |l| l.len as u64)
     }
 }
 
@@ -343,6 +447,7 @@ pub struct HostUsage {
 }
 
 pub struct HostTier {
+    dir: Arc<BackingDir>,
     capacity: u64,
     lock_memory: bool,
     inner: Mutex<Inner>,
@@ -351,8 +456,9 @@ pub struct HostTier {
 }
 
 impl HostTier {
-    pub fn new(capacity: u64, lock_memory: bool) -> HostTier {
+    pub fn new(dir: BackingDir, capacity: u64, lock_memory: bool) -> HostTier {
         HostTier {
+            dir: Arc::new(dir),
             capacity,
             lock_memory,
             inner: Mutex::new(Inner {
@@ -368,9 +474,24 @@ impl HostTier {
     }
 
     fn inner(&self) -> MutexGuard<'_, Inner> {
-        // A panic elsewhere must not wedge the filesystem: the accounting is
-        // still consistent field by field.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        lock_or_recover(&self.inner)
+    }
+
+    pub fn backing_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A tier in a fresh scratch directory, for unit tests.
+    #[cfg(test)]
+    pub(crate) fn scratch(capacity: u64, lock_memory: bool) -> HostTier {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "kvfs-unit-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let dir = BackingDir::create(&path).expect("scratch backing dir");
+        HostTier::new(dir, capacity, lock_memory)
     }
 
     pub fn capacity(&self) -> u64 {
@@ -379,7 +500,8 @@ impl HostTier {
 
     /// A new, empty file, in use by its creator (not evictable).
     pub fn create(&self, ino: u64) -> Result<Arc<HostFile>, StoreError> {
-        let file = Arc::new(HostFile::new(ino).map_err(StoreError::io("memfd_create"))?);
+        let file =
+            Arc::new(HostFile::new(&self.dir, ino).map_err(StoreError::io("create backing file"))?);
         let mut inner = self.inner();
         inner.in_use.insert(ino);
         inner.files.insert(
@@ -438,13 +560,14 @@ impl HostTier {
         evicted
     }
 
-    /// Page-locks a settled file, outside any lock of the tier (it faults in
-    /// every page). A failure is reported once and the tier runs unlocked.
-    pub fn lock_pages(&self, file: &HostFile) {
-        if !self.lock_memory || self.lock_failed.load(Ordering::Relaxed) {
-            return;
-        }
-        if let Err(e) = file.lock_pages()
+    /// Finishes settling a file outside any lock of the tier: page-locks it
+    /// (which faults in every page) and closes its descriptor. A locking
+    /// failure is reported once and the tier runs unlocked. Should the file
+    /// be opened again meanwhile, its descriptor is simply reopened.
+    pub fn park(&self, file: &HostFile) {
+        if self.lock_memory
+            && !self.lock_failed.load(Ordering::Relaxed)
+            && let Err(e) = file.lock_pages()
             && !self.lock_failed.swap(true, Ordering::Relaxed)
         {
             tracing::warn!(
@@ -453,6 +576,7 @@ impl HostTier {
                  continuing with unlocked memory"
             );
         }
+        file.close();
     }
 
     /// Makes room for a new writer: evicts least recently used files until
@@ -548,7 +672,7 @@ mod tests {
 
     #[test]
     fn roundtrip_and_stat() {
-        let tier = HostTier::new(1 << 30, false);
+        let tier = HostTier::scratch(1 << 30, false);
         let f = fill(&tier, 20, 10_000);
         let mut buf = vec![0u8; 20_000];
         assert_eq!(f.read_at(&mut buf, 0).unwrap(), 10_000);
@@ -563,7 +687,7 @@ mod tests {
     #[test]
     fn settle_evicts_least_recent_beyond_capacity() {
         let page = 4096;
-        let tier = HostTier::new(3 * page as u64, false);
+        let tier = HostTier::scratch(3 * page as u64, false);
         for ino in 20..23 {
             fill(&tier, ino, page);
             assert!(tier.settle(ino).is_empty());
@@ -579,7 +703,7 @@ mod tests {
     #[test]
     fn open_files_are_never_evicted() {
         let page = 4096u64;
-        let tier = HostTier::new(2 * page, false);
+        let tier = HostTier::scratch(2 * page, false);
         fill(&tier, 20, page as usize);
         tier.settle(20);
         tier.acquire(20); // opened again by a reader
@@ -599,7 +723,7 @@ mod tests {
 
     #[test]
     fn sparse_files_cost_what_they_allocate() {
-        let tier = HostTier::new(1 << 20, false);
+        let tier = HostTier::scratch(1 << 20, false);
         let f = tier.create(20).unwrap();
         f.set_len(1 << 30).unwrap();
         tier.settle(20);
@@ -608,13 +732,30 @@ mod tests {
     }
 
     #[test]
-    fn lock_pages_reports_locked_bytes() {
-        let tier = HostTier::new(1 << 30, true);
-        let f = fill(&tier, 20, 1 << 16);
+    fn park_locks_pages_and_closes_the_descriptor() {
+        let tier = HostTier::scratch(1 << 30, true);
+        let f = fill(&tier, 20, 2 << 20);
         tier.settle(20);
-        tier.lock_pages(&f);
+        tier.park(&f);
         let u = tier.usage();
         // Root in CI may lock; elsewhere locking may fail but must say so.
-        assert!(u.locked_bytes == 1 << 16 || !u.locking);
+        assert!(u.locked_bytes == 2 << 20 || !u.locking);
+        assert!(f.fd.lock().unwrap().is_none(), "descriptor kept open");
+        // The bytes stay and the file reopens on demand.
+        let mut buf = vec![0u8; 4];
+        assert_eq!(f.read_at(&mut buf, 0).unwrap(), 4);
+        assert_eq!(buf, [7; 4]);
+    }
+
+    #[test]
+    fn dropped_files_leave_no_backing_file() {
+        let tier = HostTier::scratch(1 << 30, false);
+        let dir = tier.backing_dir().to_owned();
+        drop(fill(&tier, 20, 100));
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+        tier.remove(20);
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+        drop(tier);
+        assert!(!dir.exists(), "backing dir left behind");
     }
 }

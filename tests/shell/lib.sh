@@ -286,9 +286,22 @@ _abort_fuse() { # mountpoint: abort its FUSE connection (last resort)
     fi
 }
 
+_stop_pid() { # pid: give it 3 s to exit after its unmount, then TERM, then KILL
+    _wait_exit "$1" 3 && return 0
+    kill -TERM "$1" 2>/dev/null
+    kill -CONT "$1" 2>/dev/null
+    _wait_exit "$1" 3 && return 0
+    echo "cleanup: pid $1 ignored SIGTERM; killing it" >&2
+    kill -KILL "$1" 2>/dev/null
+    _wait_exit "$1" 2
+}
+
 _cleanup() {
     local rc=$? m p i entry pid
-    trap - EXIT INT TERM
+    trap - EXIT
+    # Finish cleaning up even if a signal comes now (run.sh's timeout sends
+    # SIGTERM, then SIGKILL 30 s later).
+    trap '' INT TERM
     # Unmount in reverse order of mounting.
     for ((i = ${#_MOUNTS[@]} - 1; i >= 0; i--)); do
         m=${_MOUNTS[$i]}
@@ -305,10 +318,7 @@ _cleanup() {
     done
     for p in "${_KVFS_PIDS[@]}"; do
         _is_my_child "$p" || continue
-        if ! _wait_exit "$p" 5; then
-            kill -TERM "$p" 2>/dev/null
-            _wait_exit "$p" 5 || kill -KILL "$p" 2>/dev/null
-        fi
+        _stop_pid "$p"
         wait "$p" 2>/dev/null
     done
     for entry in "${_DAEMON_PIDS[@]}"; do
@@ -316,10 +326,7 @@ _cleanup() {
         m=${entry#*:}
         # Only if that pid is still a kvfs serving this mountpoint (no pid reuse).
         if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF -- "$m"; then
-            if ! _wait_exit "$pid" 5; then
-                kill -TERM "$pid" 2>/dev/null
-                _wait_exit "$pid" 5 || kill -KILL "$pid" 2>/dev/null
-            fi
+            _stop_pid "$pid"
         fi
     done
     if [ -n "$TEST_TMP" ] && [ -d "$TEST_TMP" ]; then
