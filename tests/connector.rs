@@ -1,0 +1,249 @@
+//! Both reference connectors' exact syscall sequences (DESIGN.md,
+//! "Semantics"), from several processes at once, with readers racing the
+//! writers on the same names, in both data paths.
+
+mod common;
+
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{KvfsMount, MODES};
+use kvfs::bench::connector::{
+    AlignedBuf, ConnectorError, Pattern, RunSpec, StoreOutcome, block_path, check_block,
+    fill_block, llmd_load, llmd_store, run_load, vllm_load,
+};
+
+const SEED: u64 = 42;
+
+fn bench_store(root: &Path, pattern: &str, files: u64, size: &str, threads: u32) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_kvfs"))
+        .args([
+            "bench",
+            "connector",
+            "--phase",
+            "store",
+            "--pattern",
+            pattern,
+        ])
+        .args(["--files", &files.to_string(), "--file-size", size])
+        .args([
+            "--threads",
+            &threads.to_string(),
+            "--seed",
+            &SEED.to_string(),
+        ])
+        .arg("--dir")
+        .arg(root)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn kvfs bench")
+}
+
+/// Reads every name over and over while writers run: each read must find
+/// either nothing (ENOENT) or the whole, correct block.
+fn race_reader(
+    root: PathBuf,
+    pattern: Pattern,
+    files: u64,
+    size: usize,
+    stop: Arc<AtomicBool>,
+    whole: Arc<AtomicU64>,
+) {
+    let mut aligned = AlignedBuf::zeroed(size);
+    let mut buf = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        for i in 0..files {
+            let p = block_path(&root, pattern, i);
+            let res = match pattern {
+                // The real vLLM client only loads what a lookup found.
+                Pattern::Vllm if !p.exists() => continue,
+                Pattern::Vllm => vllm_load(&p, &mut aligned, true).map(|()| &aligned[..]),
+                Pattern::Llmd => llmd_load(&p, &mut buf).map(|_| &buf[..]),
+            };
+            match res {
+                Ok(data) => {
+                    assert_eq!(data.len(), size, "{} came back short", p.display());
+                    assert_eq!(
+                        check_block(data, SEED, i),
+                        None,
+                        "{} has wrong bytes",
+                        p.display()
+                    );
+                    whole.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(ConnectorError::Io { source, .. }) if source.kind() == ErrorKind::NotFound => {}
+                Err(e) => panic!("reader of {}: {e}", p.display()),
+            }
+        }
+    }
+}
+
+fn no_temp_files(root: &Path) -> Vec<PathBuf> {
+    let mut left = Vec::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.to_string_lossy().ends_with(".tmp") {
+                left.push(p);
+            }
+        }
+    }
+    left
+}
+
+#[test]
+fn writers_and_racing_readers_both_connectors() {
+    const FILES: u64 = 24;
+    const SIZE: usize = 4 << 20;
+    for mode in MODES {
+        let m = KvfsMount::with_mode(mode, &["--host-capacity", "1GiB"]);
+        for (pattern, name) in [(Pattern::Llmd, "llmd"), (Pattern::Vllm, "vllm")] {
+            let root = m.path(name);
+            std::fs::create_dir(&root).unwrap();
+            let stop = Arc::new(AtomicBool::new(false));
+            let whole = Arc::new(AtomicU64::new(0));
+            let readers: Vec<_> = (0..2)
+                .map(|_| {
+                    let (root, stop, whole) = (root.clone(), stop.clone(), whole.clone());
+                    std::thread::spawn(move || race_reader(root, pattern, FILES, SIZE, stop, whole))
+                })
+                .collect();
+            // Three writer processes store the same names at once: the real
+            // clients do, when two engines miss on the same prefix.
+            let writers: Vec<Child> = (0..3)
+                .map(|_| bench_store(&root, name, FILES, "4MiB", 2))
+                .collect();
+            for mut w in writers {
+                assert!(
+                    w.wait().unwrap().success(),
+                    "{mode}/{name}: a writer failed"
+                );
+            }
+            stop.store(true, Ordering::Relaxed);
+            for r in readers {
+                r.join().expect("reader saw a torn or wrong file");
+            }
+            let spec = RunSpec {
+                root: root.clone(),
+                pattern,
+                files: FILES,
+                file_size: SIZE,
+                threads: 2,
+                seed: SEED,
+            };
+            let report = run_load(&spec).expect("every stored block loads whole and correct");
+            assert_eq!(report.files, FILES);
+            assert_eq!(
+                no_temp_files(&root),
+                Vec::<PathBuf>::new(),
+                "temp files left"
+            );
+            assert!(
+                whole.load(Ordering::Relaxed) > 0,
+                "readers never saw a file"
+            );
+        }
+    }
+}
+
+#[test]
+fn llmd_skip_path_moves_atime_not_mtime() {
+    for mode in MODES {
+        let m = KvfsMount::with_mode(mode, &[]);
+        let p = block_path(&m.mnt, Pattern::Llmd, 1);
+        let mut block = vec![0u8; 1 << 20];
+        fill_block(&mut block, SEED, 1);
+        assert_eq!(llmd_store(&p, &block).unwrap(), StoreOutcome::Stored);
+        // Age atime so that "now" is visibly later.
+        let old = [
+            libc::timespec {
+                tv_sec: 1000,
+                tv_nsec: 0,
+            },
+            libc::timespec {
+                tv_sec: 0,
+                tv_nsec: libc::UTIME_OMIT,
+            },
+        ];
+        let c = common::cstr(&p);
+        // SAFETY: valid path and two timespecs.
+        assert_eq!(
+            unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), old.as_ptr(), 0) },
+            0
+        );
+        let before = std::fs::metadata(&p).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(llmd_store(&p, &block).unwrap(), StoreOutcome::Skipped);
+        let after = std::fs::metadata(&p).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert!(after.atime() > 1000, "atime did not move on the skip path");
+        assert_eq!(
+            (after.mtime(), after.mtime_nsec()),
+            (before.mtime(), before.mtime_nsec())
+        );
+    }
+}
+
+/// One writer unlinks and re-stores names while readers open them: every
+/// open must succeed with whole data or fail with ENOENT, never EIO (the
+/// kernel refuses a passthrough open whose backing id conflicts).
+#[test]
+fn unlink_and_restore_race_never_eio() {
+    const FILES: u64 = 8;
+    const SIZE: usize = 256 << 10;
+    for mode in MODES {
+        let m = KvfsMount::with_mode(mode, &[]);
+        let root = m.mnt.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let whole = Arc::new(AtomicU64::new(0));
+        let readers: Vec<_> = (0..3)
+            .map(|_| {
+                let (root, stop, whole) = (root.clone(), stop.clone(), whole.clone());
+                std::thread::spawn(move || {
+                    race_reader(root, Pattern::Llmd, FILES, SIZE, stop, whole)
+                })
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(4);
+        let mut rounds = 0u64;
+        let mut block = vec![0u8; SIZE];
+        while Instant::now() < deadline {
+            for i in 0..FILES {
+                let p = block_path(&root, Pattern::Llmd, i);
+                let _ = std::fs::remove_file(&p);
+                fill_block(&mut block, SEED, i);
+                llmd_store(&p, &block).unwrap();
+            }
+            rounds += 1;
+        }
+        stop.store(true, Ordering::Relaxed);
+        for r in readers {
+            r.join().expect("a reader failed (EIO or wrong bytes)");
+        }
+        assert!(rounds > 5, "{mode}: only {rounds} rounds");
+        assert!(whole.load(Ordering::Relaxed) > 0);
+    }
+}
+
+/// The proposed O_TMPFILE + linkat(AT_EMPTY_PATH) variant: kvfs does not
+/// support O_TMPFILE, and says so with EOPNOTSUPP so a client can fall back.
+#[test]
+fn o_tmpfile_is_refused_cleanly() {
+    let m = KvfsMount::start(&[]);
+    let c = common::cstr(&m.mnt);
+    // SAFETY: valid path.
+    let fd = unsafe { libc::open(c.as_ptr(), libc::O_TMPFILE | libc::O_WRONLY, 0o644) };
+    let err = common::errno();
+    if fd >= 0 {
+        // SAFETY: our own fd.
+        unsafe { libc::close(fd) };
+    }
+    assert_eq!((fd, err), (-1, libc::EOPNOTSUPP));
+}
