@@ -1,7 +1,7 @@
 //! The command line: `kvfs mount | unmount | status | bench`. Each command
 //! parses its arguments and calls the library; `anyhow` lives only here.
 
-use std::io::{Read, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -122,7 +122,11 @@ pub fn main() -> ExitCode {
 
 fn init_logging(config: &Config) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KVFS_LOG")
-        .unwrap_or_else(|_| format!("kvfs={0},fuser=warn", config.log_level).into());
+        // fuser warns about its own second unmount attempt after a clean
+        // unmount; that is noise, not a problem.
+        .unwrap_or_else(|_| {
+            format!("kvfs={0},fuser=warn,fuser::mnt=error", config.log_level).into()
+        });
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     match &config.log_file {
         Some(path) => {
@@ -133,7 +137,10 @@ fn init_logging(config: &Config) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot open log file {}", path.display()))?;
             builder.with_ansi(false).with_writer(file).init();
         }
-        None => builder.with_writer(std::io::stderr).init(),
+        None => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(std::io::stderr)
+            .init(),
     }
     Ok(())
 }

@@ -469,3 +469,40 @@ fn status_counts_files_and_modes() {
     assert!(st["counters"]["daemon_read_bytes"].as_u64().unwrap() >= 1000);
     assert_eq!(st["counters"]["passthrough_opens"], 0);
 }
+
+#[test]
+fn a_file_larger_than_the_tier_never_costs_the_others() {
+    for_each_mode(&["--host-capacity", "64MiB"], |m| {
+        for i in 0..4 {
+            let mut b = vec![0u8; 8 << 20];
+            fill_block(&mut b, 5, i);
+            fs::write(m.path(&format!("f{i}")), b).unwrap();
+        }
+        let chunk = vec![1u8; 1 << 20];
+        let mut big = File::create(m.path("big")).unwrap();
+        let mut res = Ok(());
+        for _ in 0..100 {
+            res = big.write_all(&chunk);
+            if res.is_err() {
+                break;
+            }
+        }
+        drop(big);
+        if m.status()["data_path"] == "fallback" {
+            // The daemon sees the writes: older files make room while the
+            // file grows (it might have stopped in time), and the write that
+            // cannot fit even in an empty tier is refused.
+            assert_eq!(err_of(res), libc::ENOSPC);
+            assert!(m.status()["host"]["used"].as_u64().unwrap() <= 64 << 20);
+            return;
+        }
+        // Passthrough writes bypass the daemon: the file is dropped when it
+        // is sealed, alone.
+        res.unwrap();
+        assert_eq!(err_of(fs::metadata(m.path("big"))), libc::ENOENT);
+        for i in 0..4 {
+            let data = fs::read(m.path(&format!("f{i}"))).unwrap();
+            assert_eq!(check_block(&data, 5, i), None, "f{i} was harmed");
+        }
+    });
+}

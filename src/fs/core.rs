@@ -560,7 +560,8 @@ impl Kvfs {
         } else if closed && node.file_state() == Some(FileState::Sealed) {
             let evicted = self.host.settle(ino);
             self.drop_evicted(&mut ns, &evicted);
-            settled = true;
+            // A file too large for the tier is among the evicted.
+            settled = !evicted.contains(&ino);
         }
         if sealed {
             let bytes = file.stat().map(|s| s.size).unwrap_or(0);

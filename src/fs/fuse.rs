@@ -322,7 +322,10 @@ impl Filesystem for FuseFs {
             .file
             .as_deref()
             .and_then(|f| self.backing_for(&reply, f));
-        self.count_open(backing.is_some());
+        // Control files are always served by the daemon; count data files only.
+        if opened.file.is_some() {
+            self.count_open(backing.is_some());
+        }
         match backing {
             Some(id) => reply.opened_passthrough(FileHandle(opened.fh), FopenFlags::empty(), &id),
             None => reply.opened(FileHandle(opened.fh), daemon_open_flags()),
@@ -488,12 +491,15 @@ impl Filesystem for FuseFs {
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let (capacity, free, files) = self.core.statfs();
         let bsize = u64::from(BLKSIZE);
+        // Inodes are not a limited resource here; report a large pool of
+        // which `files` are used, so `df -i` adds up.
+        let free_inodes = u64::from(u32::MAX);
         reply.statfs(
             capacity / bsize,
             free / bsize,
             free / bsize,
-            files,
-            u64::from(u32::MAX),
+            files + free_inodes,
+            free_inodes,
             BLKSIZE,
             crate::namespace::NAME_MAX as u32,
             BLKSIZE,

@@ -539,14 +539,29 @@ impl HostTier {
         let Some(file) = inner.files.get(&ino).map(|e| Arc::clone(&e.file)) else {
             return Vec::new();
         };
-        if let Ok(st) = file.stat() {
-            inner.set_bytes(ino, st.allocated);
-            inner.largest = inner.largest.max(st.allocated.min(self.capacity));
-        }
+        let bytes = file.stat().map_or(0, |st| st.allocated);
+        inner.set_bytes(ino, bytes);
         inner.in_use.remove(&ino);
+        let mut evicted = Vec::new();
+        if bytes > self.capacity {
+            // It can never fit: drop it alone rather than empty the tier for
+            // nothing. (Passthrough writes cannot be refused on the way in.)
+            tracing::warn!(
+                ino,
+                bytes,
+                capacity = self.capacity,
+                "file larger than the host tier dropped"
+            );
+            if let Some(e) = inner.files.remove(&ino) {
+                inner.accounted -= e.bytes;
+            }
+            drop(inner);
+            self.evictions.fetch_add(1, Ordering::Relaxed);
+            return vec![ino];
+        }
+        inner.largest = inner.largest.max(bytes);
         inner.evictable.put(ino, ());
         inner.refresh_in_use();
-        let mut evicted = Vec::new();
         while inner.accounted > self.capacity {
             // The file just sealed is the most recent: it goes last.
             match inner.evict_one() {
@@ -599,6 +614,21 @@ impl HostTier {
     fn evict_for(&self, bytes: u64, must_fit: bool) -> Result<Vec<u64>, StoreError> {
         let mut inner = self.inner();
         inner.refresh_in_use();
+        if must_fit {
+            let pinned: u64 = inner
+                .in_use
+                .iter()
+                .filter_map(|ino| inner.files.get(ino).map(|e| e.bytes))
+                .sum();
+            if pinned + bytes > self.capacity {
+                // Even an empty tier would not take it: evicting would only
+                // lose what is stored.
+                return Err(StoreError::NoSpace {
+                    used: inner.accounted,
+                    capacity: self.capacity,
+                });
+            }
+        }
         let mut evicted = Vec::new();
         while inner.accounted + bytes > self.capacity {
             match inner.evict_one() {
@@ -701,6 +731,21 @@ mod tests {
     }
 
     #[test]
+    fn a_file_larger_than_the_tier_is_dropped_alone() {
+        let page = 4096;
+        let tier = HostTier::scratch(4 * page as u64, false);
+        fill(&tier, 20, page);
+        tier.settle(20);
+        fill(&tier, 21, 5 * page);
+        assert_eq!(tier.settle(21), vec![21]);
+        assert!(
+            tier.get(20).is_some(),
+            "a fitting file was evicted for nothing"
+        );
+        assert_eq!(tier.usage().used, page as u64);
+    }
+
+    #[test]
     fn open_files_are_never_evicted() {
         let page = 4096u64;
         let tier = HostTier::scratch(2 * page, false);
@@ -719,6 +764,11 @@ mod tests {
         // Once closed, the older file makes room.
         tier.settle(20);
         assert_eq!(tier.reserve(page).unwrap(), vec![20]);
+        // A request that cannot fit even in an empty tier evicts nothing.
+        fill(&tier, 22, page as usize);
+        tier.settle(22);
+        assert!(tier.reserve(2 * page).is_err());
+        assert!(tier.get(22).is_some());
     }
 
     #[test]

@@ -155,17 +155,6 @@ mount_count() { # canonical path -> how many mounts are stacked there
     awk -v m="$1" '$2 == m { n++ } END { print n + 0 }' /proc/self/mounts
 }
 
-# json_get FILE_OR_- PY_EXPR: evaluates PY_EXPR with `d` = the parsed document.
-json_get() {
-    python3 -c '
-import json, sys
-src = sys.argv[1]
-d = json.load(sys.stdin if src == "-" else open(src))
-v = eval(sys.argv[2])
-print(json.dumps(v) if isinstance(v, (dict, list, bool)) or v is None else v)
-' "$1" "$2"
-}
-
 # load_status MOUNT: reads `kvfs status MOUNT --json` into STATUS (checked to
 # be JSON, parsed once). Then `sget VAR PATH` sets VAR to the value at the
 # dotted PATH, e.g. `sget used host.used`; a missing key fails the test.

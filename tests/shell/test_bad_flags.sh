@@ -59,6 +59,6 @@ first=$KVFS_PID
 expect_usage_error "mountpoint already a kvfs mount" "$M" "already a mount point"
 expect_usage_error "mountpoint already a kvfs mount (--daemon)" "$M" "already a mount point" --daemon
 assert_eq 1 "$(mount_count "$M")" "mounts stacked on $M"
-echo hello >"$M/still-works" || fail "first mount unusable after a refused second mount"
+t bash -c 'echo hello >"$1"' _ "$M/still-works" || fail "first mount unusable after a refused second mount"
 assert_eq hello "$(t cat "$M/still-works")" "first mount after a refused second mount"
 stop_kvfs "$M" "$first"

@@ -18,7 +18,7 @@ eviction_run() { # data path
     M=$(new_mountpoint "mnt-$dp")
     start_kvfs "$M" --data-path "$dp" --host-capacity 64MiB
     pid=$KVFS_PID
-    mkdir "$M/blocks" || fail "[$dp] mkdir blocks"
+    t mkdir "$M/blocks" || fail "[$dp] mkdir blocks"
     for ((i = 0; i < NFILES; i++)); do
         assert_ok "[$dp] dd of file $i" dd if="$TEST_TMP/src$i" of="$M/blocks/f$i" bs=1M status=none
     done

@@ -24,7 +24,7 @@ busy_run() { # data path
     M=$(new_mountpoint "mnt-$dp-busy")
     start_kvfs "$M" --data-path "$dp" --host-capacity 128MiB
     pid=$KVFS_PID
-    printf 'held open' >"$M/held" || fail "[$dp busy] write held"
+    t bash -c 'printf "held open" >"$1"' _ "$M/held" || fail "[$dp busy] write held"
     exec 4<"$M/held" || fail "[$dp busy] open held"
     kill -TERM "$pid"
     # Detached from the namespace at once...
