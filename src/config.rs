@@ -55,6 +55,10 @@ pub struct MountArgs {
     #[arg(long, env = "KVFS_ALLOW_OTHER", value_parser = clap::builder::BoolishValueParser::new())]
     pub allow_other: bool,
 
+    /// Do not page-lock host tier memory (mlock); it may then be swapped.
+    #[arg(long, env = "KVFS_NO_LOCK_MEMORY", value_parser = clap::builder::BoolishValueParser::new())]
+    pub no_lock_memory: bool,
+
     /// Log level: error, warn, info, debug or trace (default: info).
     #[arg(long, env = "KVFS_LOG_LEVEL", value_name = "LEVEL")]
     pub log_level: Option<String>,
@@ -117,6 +121,8 @@ pub struct Config {
     /// 1..=256.
     pub threads: usize,
     pub allow_other: bool,
+    /// Page-lock sealed host tier files (mlock).
+    pub lock_memory: bool,
     /// One of error, warn, info, debug, trace.
     pub log_level: String,
     pub data_path: DataPath,
@@ -212,6 +218,7 @@ struct FileConfig {
     // flag rather than a serde type error.
     threads: Option<i64>,
     allow_other: Option<bool>,
+    lock_memory: Option<bool>,
     log_level: Option<String>,
     data_path: Option<String>,
     log_file: Option<PathBuf>,
@@ -368,6 +375,8 @@ impl Config {
         // A plain bool flag cannot say "not given", so the flag or
         // KVFS_ALLOW_OTHER can turn this on over the file but not off.
         let allow_other = args.allow_other || values.and_then(|v| v.allow_other).unwrap_or(false);
+        let lock_memory =
+            !args.no_lock_memory && values.and_then(|v| v.lock_memory).unwrap_or(true);
 
         match (
             mountpoint,
@@ -389,6 +398,7 @@ impl Config {
                 host_capacity,
                 threads,
                 allow_other,
+                lock_memory,
                 log_level,
                 data_path,
                 daemon: args.daemon,

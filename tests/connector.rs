@@ -247,3 +247,48 @@ fn o_tmpfile_is_refused_cleanly() {
     }
     assert_eq!((fd, err), (-1, libc::EOPNOTSUPP));
 }
+
+/// A name that always exists must always open: a writer keeps replacing it
+/// by rename while readers open it. The inode a reader's path walk found may
+/// be replaced before its open arrives; the kernel still holds a reference,
+/// so the open must succeed (with the old bytes), never fail with ENOENT.
+#[test]
+fn rename_over_an_existing_name_never_hides_it() {
+    const SIZE: usize = 64 << 10;
+    for mode in MODES {
+        let m = KvfsMount::with_mode(mode, &[]);
+        let fin = m.path("block.bin");
+        let mut block = vec![0u8; SIZE];
+        fill_block(&mut block, SEED, 0);
+        std::fs::write(&fin, &block).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let opened = Arc::new(AtomicU64::new(0));
+        let readers: Vec<_> = (0..3)
+            .map(|_| {
+                let (fin, stop, opened) = (fin.clone(), stop.clone(), opened.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        let data = std::fs::read(&fin)
+                            .unwrap_or_else(|e| panic!("open of an existing name failed: {e}"));
+                        assert_eq!(check_block(&data, SEED, 0), None, "wrong bytes");
+                        opened.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let tmp = m.path("block.bin_x.tmp");
+        while Instant::now() < deadline {
+            std::fs::write(&tmp, &block).unwrap();
+            std::fs::rename(&tmp, &fin).unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+        for r in readers {
+            r.join().expect("a reader lost the name");
+        }
+        assert!(
+            opened.load(Ordering::Relaxed) > 100,
+            "{mode}: too few opens"
+        );
+    }
+}

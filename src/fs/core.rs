@@ -31,6 +31,10 @@ pub enum FsError {
     Store(#[from] StoreError),
     #[error("stale file handle {0}")]
     BadHandle(u64),
+    /// The kernel named an inode whose contents the daemon dropped (an
+    /// eviction): the kernel then looks the name up afresh.
+    #[error("inode {0} was evicted")]
+    Stale(Ino),
     #[error("operation not permitted: {0}")]
     NotPermitted(&'static str),
     #[error("read-only: {0}")]
@@ -106,7 +110,10 @@ enum Handle {
         writable: bool,
     },
     Status(Vec<u8>),
-    Dir(Vec<crate::namespace::DirEntry>),
+    Dir {
+        ino: Ino,
+        entries: Vec<crate::namespace::DirEntry>,
+    },
 }
 
 /// How the FUSE adapter moves file bytes; reported by `status`.
@@ -247,7 +254,8 @@ impl Kvfs {
         if node.is_dir() {
             attr.size = 4096;
             attr.blocks = 8;
-        } else if let Some(file) = self.host.get(ino) {
+        } else {
+            let file = self.host.get(ino).ok_or(FsError::Stale(ino))?;
             let st: FileStat = file.stat().map_err(io_err("fstat"))?;
             attr.size = st.size;
             attr.blocks = st.allocated / 512;
@@ -259,8 +267,10 @@ impl Kvfs {
         Ok(attr)
     }
 
+    /// Resolves a name. Every entry handed to the kernel is a reference it
+    /// will `forget` later; the inode lives at least until then.
     pub fn lookup(&self, parent: Ino, name: &OsStr) -> Result<Attr> {
-        let ns = self.ns();
+        let mut ns = self.ns();
         if parent == ROOT_INO && name == CONTROL_DIR {
             return Ok(self.control_attr(&ns, CONTROL_DIR_INO));
         }
@@ -274,6 +284,7 @@ impl Kvfs {
         match ns.lookup(parent, name) {
             Ok(ino) => {
                 let attr = self.attr_of(&ns, ino)?;
+                ns.remember(ino);
                 if attr.kind == Kind::File {
                     self.counters.hits.fetch_add(1, Ordering::Relaxed);
                 }
@@ -303,7 +314,7 @@ impl Kvfs {
             if is_dir {
                 return Err(NsError::IsDir.into());
             }
-            let file = self.host.get(ino).ok_or(NsError::NotFound)?;
+            let file = self.host.get(ino).ok_or(FsError::Stale(ino))?;
             // Growing makes a hole, which allocates nothing: no room needed.
             file.set_len(size).map_err(io_err("ftruncate"))?;
             self.host.remeasure(ino);
@@ -354,7 +365,19 @@ impl Kvfs {
             perm: perm_bits(mode),
         };
         let ino = ns.mkdir(parent, name, owner, SystemTime::now())?;
+        ns.remember(ino);
         self.attr_of(&ns, ino)
+    }
+
+    /// The kernel dropped `n` references to `ino`.
+    pub fn forget(&self, ino: Ino, n: u64) {
+        if Self::is_control(ino) {
+            return;
+        }
+        let mut ns = self.ns();
+        if ns.forget(ino, n) {
+            self.host.remove(ino);
+        }
     }
 
     fn check_writable_parent(&self, parent: Ino, name: &OsStr) -> Result<()> {
@@ -385,13 +408,14 @@ impl Kvfs {
             Ok(ino) => {
                 drop(ns);
                 let opened = self.open(ino, flags)?;
-                return Ok((self.getattr(ino)?, opened));
+                let mut ns = self.ns();
+                ns.remember(ino);
+                return Ok((self.attr_of(&ns, ino)?, opened));
             }
             Err(NsError::NotFound) => {}
             Err(e) => return Err(e.into()),
         }
-        let evicted = self.host.make_room_for_new_file()?;
-        self.drop_evicted(&mut ns, &evicted);
+        self.make_room(&mut ns)?;
         let owner = Owner {
             uid: caller.uid,
             gid: caller.gid,
@@ -408,6 +432,7 @@ impl Kvfs {
             }
         };
         ns.open(ino, true)?;
+        ns.remember(ino);
         let attr = self.attr_of(&ns, ino)?;
         drop(ns);
         let fh = self.new_fh(Handle::File {
@@ -416,6 +441,7 @@ impl Kvfs {
             writable: true,
         });
         self.counters.creates.fetch_add(1, Ordering::Relaxed);
+        self.counters.opens.fetch_add(1, Ordering::Relaxed);
         Ok((
             attr,
             Opened {
@@ -455,17 +481,22 @@ impl Kvfs {
         if node.is_dir() {
             return Err(NsError::IsDir.into());
         }
-        let file = self.host.get(ino).ok_or(NsError::NotFound)?;
-        if writable {
-            let evicted = self.host.make_room_for_new_file()?;
-            self.drop_evicted(&mut ns, &evicted);
+        let file = self.host.get(ino).ok_or(FsError::Stale(ino))?;
+        // Pin first: making room must never evict the file being opened.
+        self.host.acquire(ino);
+        if writable && let Err(e) = self.make_room(&mut ns) {
+            if ns.get(ino)?.open == 0 {
+                // Nobody else holds it: back in the LRU.
+                let evicted = self.host.settle(ino);
+                self.drop_evicted(&mut ns, &evicted);
+            }
+            return Err(e);
         }
         if flags & libc::O_TRUNC != 0 && writable {
             file.set_len(0).map_err(io_err("ftruncate"))?;
             self.host.remeasure(ino);
         }
         ns.open(ino, writable)?;
-        self.host.acquire(ino);
         drop(ns);
         self.counters.opens.fetch_add(1, Ordering::Relaxed);
         let fh = self.new_fh(Handle::File {
@@ -490,7 +521,7 @@ impl Kvfs {
                     let end = (start + size as usize).min(data.len());
                     return Ok(data[start..end].to_vec());
                 }
-                Some(Handle::Dir(_)) => return Err(NsError::IsDir.into()),
+                Some(Handle::Dir { .. }) => return Err(NsError::IsDir.into()),
                 None => return Err(FsError::BadHandle(fh)),
             }
         };
@@ -555,8 +586,7 @@ impl Kvfs {
         let linked = node.nlink > 0;
         let mut settled = false;
         if !linked && closed {
-            ns.reap(ino);
-            self.host.remove(ino);
+            self.unlinked(&mut ns, ino);
         } else if closed && node.file_state() == Some(FileState::Sealed) {
             let evicted = self.host.settle(ino);
             self.drop_evicted(&mut ns, &evicted);
@@ -574,6 +604,13 @@ impl Kvfs {
         if settled {
             self.host.park(&file);
         }
+        Ok(())
+    }
+
+    /// Room for one more written file, evicting as needed.
+    fn make_room(&self, ns: &mut Namespace) -> Result<()> {
+        let evicted = self.host.make_room_for_new_file()?;
+        self.drop_evicted(ns, &evicted);
         Ok(())
     }
 
@@ -632,43 +669,52 @@ impl Kvfs {
         Ok(())
     }
 
-    pub fn opendir(&self, ino: Ino) -> Result<u64> {
-        let entries = if ino == CONTROL_DIR_INO {
-            vec![
-                crate::namespace::DirEntry {
-                    ino,
-                    is_dir: true,
-                    name: ".".into(),
-                },
-                crate::namespace::DirEntry {
-                    ino: ROOT_INO,
-                    is_dir: true,
-                    name: "..".into(),
-                },
-                crate::namespace::DirEntry {
-                    ino: STATUS_INO,
-                    is_dir: false,
-                    name: STATUS_FILE.into(),
-                },
-            ]
-        } else {
-            // A snapshot per handle keeps offsets stable while the directory
-            // changes under a long listing.
-            self.ns().list(ino)?
+    fn list_dir(&self, ino: Ino) -> Result<Vec<crate::namespace::DirEntry>> {
+        if ino != CONTROL_DIR_INO {
+            return Ok(self.ns().list(ino)?);
+        }
+        let entry = |ino, is_dir, name: &str| crate::namespace::DirEntry {
+            ino,
+            is_dir,
+            name: name.into(),
         };
-        Ok(self.new_fh(Handle::Dir(entries)))
+        Ok(vec![
+            entry(ino, true, "."),
+            entry(ROOT_INO, true, ".."),
+            entry(STATUS_INO, false, STATUS_FILE),
+        ])
+    }
+
+    pub fn opendir(&self, ino: Ino) -> Result<u64> {
+        // A snapshot per handle keeps offsets stable while the directory
+        // changes under a long listing.
+        let entries = self.list_dir(ino)?;
+        Ok(self.new_fh(Handle::Dir { ino, entries }))
     }
 
     /// Entries of an open directory from `offset` on, with the offset of the
-    /// entry after each.
+    /// entry after each. Offset 0 (a new listing, or `rewinddir`) takes a
+    /// fresh snapshot.
     pub fn readdir(
         &self,
         fh: u64,
         offset: u64,
         mut emit: impl FnMut(Ino, Kind, &OsStr, u64) -> bool,
     ) -> Result<()> {
+        if offset == 0 {
+            let ino = match lock(&self.handles).get(&fh) {
+                Some(Handle::Dir { ino, .. }) => *ino,
+                _ => return Err(FsError::BadHandle(fh)),
+            };
+            // Listed without the handle table locked: the namespace lock
+            // is never taken inside it.
+            let fresh = self.list_dir(ino)?;
+            if let Some(Handle::Dir { entries, .. }) = lock(&self.handles).get_mut(&fh) {
+                *entries = fresh;
+            }
+        }
         let handles = lock(&self.handles);
-        let Some(Handle::Dir(entries)) = handles.get(&fh) else {
+        let Some(Handle::Dir { entries, .. }) = handles.get(&fh) else {
             return Err(FsError::BadHandle(fh));
         };
         for (i, e) in entries.iter().enumerate().skip(offset as usize) {
@@ -895,6 +941,41 @@ mod tests {
     }
 
     #[test]
+    fn opening_for_write_never_evicts_the_file_itself() {
+        // Files of the tier's minimum reserve, so that only the open evicts.
+        let page = 1 << 20;
+        let fs = fs(2 * page as u64);
+        let a = put(&fs, "a", page);
+        put(&fs, "b", page);
+        // "a" is the least recent; making room for a writer of "a" must
+        // evict "b" instead.
+        let o = fs.open(a, libc::O_WRONLY).unwrap();
+        assert_eq!(fs.read(o.fh, 0, 10).unwrap().len(), 10);
+        fs.release(o.fh).unwrap();
+        assert!(fs.lookup(ROOT_INO, "a".as_ref()).is_ok());
+        assert!(fs.lookup(ROOT_INO, "b".as_ref()).is_err());
+    }
+
+    #[test]
+    fn rewinddir_sees_new_entries() {
+        let fs = fs(1 << 20);
+        let names = |fs: &Kvfs, fh| {
+            let mut v = Vec::new();
+            fs.readdir(fh, 0, |_, _, n, _| {
+                v.push(n.to_owned());
+                false
+            })
+            .unwrap();
+            v
+        };
+        let fh = fs.opendir(ROOT_INO).unwrap();
+        assert_eq!(names(&fs, fh).len(), 2);
+        put(&fs, "new", 1);
+        assert_eq!(names(&fs, fh).len(), 3);
+        fs.releasedir(fh);
+    }
+
+    #[test]
     fn unlinked_open_file_stays_readable() {
         let fs = fs(1 << 20);
         let ino = put(&fs, "f", 100);
@@ -902,6 +983,9 @@ mod tests {
         fs.unlink(ROOT_INO, "f".as_ref()).unwrap();
         assert_eq!(fs.read(o.fh, 0, 1000).unwrap().len(), 100);
         fs.release(o.fh).unwrap();
+        // The kernel's reference from the create keeps it until forgotten.
+        assert!(fs.getattr(ino).is_ok());
+        fs.forget(ino, 1);
         assert!(fs.getattr(ino).is_err());
         assert_eq!(fs.host.usage().files, 0);
     }

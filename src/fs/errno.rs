@@ -29,6 +29,7 @@ impl ToErrno for FsError {
             FsError::Store(StoreError::NoSpace { .. }) => Errno::ENOSPC,
             FsError::Store(StoreError::Io { source, .. }) => from_io(source),
             FsError::BadHandle(_) => Errno::EBADF,
+            FsError::Stale(_) => Errno::ESTALE,
             FsError::NotPermitted(_) => Errno::EPERM,
             FsError::ReadOnly(_) => Errno::EROFS,
             FsError::NoAttr => Errno::NO_XATTR,
@@ -54,6 +55,7 @@ pub fn is_expected(errno: Errno) -> bool {
         Errno::EOPNOTSUPP,
         Errno::EPERM,
         Errno::EROFS,
+        Errno::ESTALE,
     ]
     .contains(&errno)
 }

@@ -208,6 +208,10 @@ impl Filesystem for FuseFs {
         reply.entry(&TTL, &file_attr(&attr), Generation(0));
     }
 
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.core.forget(ino.0, nlookup);
+    }
+
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let attr = tri!("getattr", reply, self.core.getattr(ino.0));
         reply.attr(&TTL, &file_attr(&attr));

@@ -20,7 +20,7 @@ use crate::store::host::BackingDir;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
-    #[error("cannot mount {path}: {source}")]
+    #[error("cannot mount {path}")]
     Mount {
         path: PathBuf,
         #[source]
@@ -31,13 +31,13 @@ pub enum MountError {
          use --data-path auto or fallback"
     )]
     NoPassthrough,
-    #[error("cannot create the host tier's backing directory {path}: {source}")]
+    #[error("cannot create the host tier's backing directory {path}")]
     BackingDir {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot unmount {path}: {source}")]
+    #[error("cannot unmount {path}")]
     Unmount {
         path: PathBuf,
         #[source]
@@ -156,7 +156,7 @@ pub fn mount(config: &Config) -> Result<Mounted, MountError> {
         path: dir.clone(),
         source,
     })?;
-    let host = HostTier::new(backing, config.host_capacity, true);
+    let host = HostTier::new(backing, config.host_capacity, config.lock_memory);
     let core = Arc::new(Kvfs::new(host, me));
     let fs = FuseFs::new(Arc::clone(&core), config.data_path);
 

@@ -79,6 +79,10 @@ pub struct Inode {
     pub nlink: u32,
     /// Handles the kernel holds open on this inode (files and directories).
     pub open: u32,
+    /// References the kernel holds (entries it was given, minus forgets).
+    /// The inode must outlive them: a path walk that found it may still
+    /// open it after it was unlinked or replaced.
+    pub lookups: u64,
     /// Times of directories; a regular file's times live with its bytes.
     pub atime: SystemTime,
     pub mtime: SystemTime,
@@ -178,6 +182,7 @@ impl Namespace {
                 gid: root.gid,
                 nlink: 2,
                 open: 0,
+                lookups: 0,
                 atime: now,
                 mtime: now,
                 ctime: now,
@@ -278,6 +283,7 @@ impl Namespace {
                 gid: owner.gid,
                 nlink: if dir { 2 } else { 1 },
                 open: 0,
+                lookups: 0,
                 atime: now,
                 mtime: now,
                 ctime: now,
@@ -334,11 +340,31 @@ impl Namespace {
         Ok(())
     }
 
-    /// Drops an inode that has no name and no open handle left. Returns
-    /// whether it was dropped.
+    /// The kernel was handed an entry for `ino`.
+    pub fn remember(&mut self, ino: Ino) {
+        if let Some(node) = self.inodes.get_mut(&ino) {
+            node.lookups += 1;
+        }
+    }
+
+    /// The kernel dropped `n` references; returns whether the inode is gone.
+    pub fn forget(&mut self, ino: Ino, n: u64) -> bool {
+        match self.inodes.get_mut(&ino) {
+            Some(node) => {
+                node.lookups = node.lookups.saturating_sub(n);
+                self.reap(ino)
+            }
+            None => false,
+        }
+    }
+
+    /// Drops an inode that has no name, no open handle and no kernel
+    /// reference left. Returns whether it was dropped.
     pub fn reap(&mut self, ino: Ino) -> bool {
         match self.inodes.get(&ino) {
-            Some(node) if node.nlink == 0 && node.open == 0 && ino != ROOT_INO => {
+            Some(node)
+                if node.nlink == 0 && node.open == 0 && node.lookups == 0 && ino != ROOT_INO =>
+            {
                 self.inodes.remove(&ino);
                 true
             }
@@ -578,6 +604,7 @@ mod tests {
         );
         assert_eq!(ns.file_count(), 1);
         ns.open(f, false).unwrap();
+        ns.remember(f);
         assert_eq!(ns.unlink(ROOT_INO, "a".as_ref(), now()), Ok(f));
         assert_eq!(ns.file_count(), 0);
         assert_eq!(ns.lookup(ROOT_INO, "a".as_ref()), Err(NsError::NotFound));
@@ -585,7 +612,9 @@ mod tests {
         assert!(!ns.reap(f));
         assert!(ns.get(f).is_ok());
         ns.release(f, false).unwrap();
-        assert!(ns.reap(f));
+        // The kernel still holds a reference from its lookup.
+        assert!(!ns.reap(f));
+        assert!(ns.forget(f, 1));
         assert_eq!(ns.get(f).err(), Some(NsError::NotFound));
     }
 
