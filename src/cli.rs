@@ -309,9 +309,13 @@ fn cmd_status(mountpoint: &Path, json: bool) -> anyhow::Result<()> {
         .and_then(serde_json::Value::as_bool)
         == Some(true)
     {
-        format!("yes ({})", format_size(n("/host/locked_bytes")))
+        format!(
+            "{} ({})",
+            format_size(n("/host/locked_bytes")),
+            s("/host/lock_policy")
+        )
     } else {
-        "no (RLIMIT_MEMLOCK?)".to_string()
+        format!("no ({})", s("/host/lock_policy"))
     };
     println!(
         "{:<6} {:>12} {:>12} {:>8}  {}",

@@ -1,5 +1,5 @@
 //! POSIX operations through the kernel's FUSE, in both data paths
-//! (passthrough to memfds, and the daemon's own handlers), with the errno of
+//! (passthrough to shmem backing files, and the daemon's own handlers), with the errno of
 //! every failure case a tool or connector can hit.
 
 mod common;
@@ -505,4 +505,43 @@ fn a_file_larger_than_the_tier_never_costs_the_others() {
             assert_eq!(check_block(&data, 5, i), None, "f{i} was harmed");
         }
     });
+}
+
+#[test]
+fn page_locking_follows_the_lock_memory_setting() {
+    let on = KvfsMount::start(&["--lock-memory", "on"]);
+    fs::write(on.path("f"), vec![1u8; 2 << 20]).unwrap();
+    // The locker thread works in the background.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let st = on.status();
+        assert_eq!(st["host"]["lock_policy"], "on");
+        if st["host"]["locked_bytes"] == 2 << 20 {
+            assert_eq!(st["host"]["locking"], true);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never locked: {st}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    drop(on);
+
+    let off = KvfsMount::start(&["--lock-memory", "off"]);
+    fs::write(off.path("f"), vec![1u8; 2 << 20]).unwrap();
+    let st = off.status();
+    assert_eq!(
+        (
+            st["host"]["locking"].clone(),
+            st["host"]["locked_bytes"].clone()
+        ),
+        (false.into(), 0.into())
+    );
+
+    let swap = fs::read_to_string("/proc/swaps")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .count()
+        > 0;
+    let auto = KvfsMount::start(&[]);
+    assert_eq!(auto.status()["host"]["locking"], swap);
 }

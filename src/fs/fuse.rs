@@ -2,13 +2,13 @@
 //! and replies; errors go through `reply_error`, which logs and maps them to
 //! an errno in one place.
 //!
-//! Opens of resident files answer with passthrough to the file's memfd, so
+//! Opens of resident files answer with passthrough to the file's backing file, so
 //! the kernel moves the bytes. The kernel's rule for that: every passthrough
 //! open of one inode must name the same backing id for as long as any of them
 //! is open (a different id is refused with EIO), and the id must stay
 //! registered until the kernel has taken its reference in the open. kvfs
 //! keeps exactly one backing id per file, owned by the file's `HostFile`, so
-//! it lives as long as the memfd and every open handle (which hold the
+//! it lives as long as the backing file and every open handle (which hold the
 //! `HostFile`). Inode numbers are never reused, so an id can never be
 //! attached to another inode's opens.
 

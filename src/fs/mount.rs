@@ -14,7 +14,7 @@ use fuser::{BackgroundSession, INodeNo, MountOption, Session, SessionACL};
 
 use super::core::{Caller, DataMode, Kvfs};
 use super::fuse::FuseFs;
-use crate::config::{Config, DataPath};
+use crate::config::{Config, DataPath, LockMemory};
 use crate::store::HostTier;
 use crate::store::host::BackingDir;
 
@@ -69,7 +69,7 @@ impl Mounted {
     }
 }
 
-/// Raises the limits a large cache needs: one memfd per resident file (up
+/// Raises the limits a large cache needs: a descriptor per open file (up
 /// to the kernel's `fs.nr_open`, which root may reach), and page-locked
 /// memory for all of them. Failures only mean lower limits.
 fn raise_limits() {
@@ -115,6 +115,25 @@ fn backing_dir_path() -> PathBuf {
     base.join(format!("kvfs-{}", std::process::id()))
 }
 
+/// Whether to page-lock, and the reason `status` shows.
+fn lock_policy(mode: LockMemory) -> (bool, String) {
+    match mode {
+        LockMemory::On => (true, "on".into()),
+        LockMemory::Off => (false, "off".into()),
+        LockMemory::Auto => {
+            // /proc/swaps has a header line, then one line per active swap.
+            let swaps = std::fs::read_to_string("/proc/swaps")
+                .map(|s| s.lines().skip(1).filter(|l| !l.trim().is_empty()).count())
+                .unwrap_or(0);
+            if swaps > 0 {
+                (true, "auto: swap is active".into())
+            } else {
+                (false, "auto: no swap, nothing to lock against".into())
+            }
+        }
+    }
+}
+
 /// Frees the memory of daemons that died without cleaning up (kill -9).
 fn remove_stale_backing_dirs(base: &Path) {
     let Ok(entries) = std::fs::read_dir(base) else {
@@ -156,7 +175,8 @@ pub fn mount(config: &Config) -> Result<Mounted, MountError> {
         path: dir.clone(),
         source,
     })?;
-    let host = HostTier::new(backing, config.host_capacity, config.lock_memory);
+    let (lock, policy) = lock_policy(config.lock_memory);
+    let host = HostTier::new(backing, config.host_capacity, lock, policy);
     let core = Arc::new(Kvfs::new(host, me));
     let fs = FuseFs::new(Arc::clone(&core), config.data_path);
 

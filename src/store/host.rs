@@ -485,8 +485,10 @@ pub struct HostUsage {
     pub used: u64,
     pub files: u64,
     pub locked_bytes: u64,
-    /// False once page-locking failed (RLIMIT_MEMLOCK, map count).
+    /// Page-locking is on and has not failed (RLIMIT_MEMLOCK, map count).
     pub locking: bool,
+    /// Why locking is on or off, as configured.
+    pub lock_policy: String,
     pub evictions: u64,
 }
 
@@ -494,6 +496,7 @@ pub struct HostTier {
     dir: Arc<BackingDir>,
     capacity: u64,
     lock_memory: bool,
+    lock_policy: String,
     inner: Mutex<Inner>,
     lock_failed: Arc<AtomicBool>,
     /// Feeds the locker thread; `None` when memory is not locked.
@@ -502,7 +505,8 @@ pub struct HostTier {
 }
 
 impl HostTier {
-    pub fn new(dir: BackingDir, capacity: u64, lock_memory: bool) -> HostTier {
+    /// `lock_policy` says, for `status`, why `lock_memory` is what it is.
+    pub fn new(dir: BackingDir, capacity: u64, lock_memory: bool, lock_policy: String) -> HostTier {
         let lock_failed = Arc::new(AtomicBool::new(false));
         let locker = lock_memory
             .then(|| spawn_locker(Arc::clone(&lock_failed)))
@@ -512,6 +516,7 @@ impl HostTier {
             dir: Arc::new(dir),
             capacity,
             lock_memory,
+            lock_policy,
             inner: Mutex::new(Inner {
                 files: HashMap::new(),
                 evictable: LruCache::unbounded(),
@@ -542,7 +547,7 @@ impl HostTier {
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
         let dir = BackingDir::create(&path).expect("scratch backing dir");
-        HostTier::new(dir, capacity, lock_memory)
+        HostTier::new(dir, capacity, lock_memory, "test".into())
     }
 
     pub fn capacity(&self) -> u64 {
@@ -727,6 +732,7 @@ impl HostTier {
             files: inner.files.len() as u64,
             locked_bytes,
             locking: self.lock_memory && !self.lock_failed.load(Ordering::Relaxed),
+            lock_policy: self.lock_policy.clone(),
             evictions: self.evictions.load(Ordering::Relaxed),
         }
     }

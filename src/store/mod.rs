@@ -1,7 +1,7 @@
 //! The block store: where the bytes of each regular file live, and how much
 //! room each tier has. It knows inode numbers, never names or FUSE.
 //!
-//! Only the host tier exists so far (`host`): one page-locked memfd per file,
+//! Only the host tier exists so far (`host`): one shmem backing file per file,
 //! bounded by a byte-weighted LRU.
 
 pub mod host;
