@@ -302,21 +302,6 @@ impl Real<'_> {
     }
 }
 
-fn renameat2(a: &Path, b: &Path, flags: u32) -> Res {
-    let (a, b) = (common::cstr(a), common::cstr(b));
-    // SAFETY: valid C strings.
-    let r = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            a.as_ptr(),
-            libc::AT_FDCWD,
-            b.as_ptr(),
-            flags,
-        )
-    };
-    if r == 0 { Ok(()) } else { Err(common::errno()) }
-}
-
 fn fail(msg: String) -> TestCaseError {
     TestCaseError::fail(msg)
 }
@@ -358,7 +343,7 @@ fn step(op: &Op, model: &mut Model, real: &mut Real) -> Result<(), TestCaseError
         Op::Rmdir(i) => (model.rmdir(PATHS[i]), io(fs::remove_dir(real.p(i)))),
         Op::Rename(a, b, flags) => (
             model.rename(PATHS[a], PATHS[b], flags),
-            renameat2(&real.p(a), &real.p(b), flags),
+            common::renameat2(&real.p(a), &real.p(b), flags),
         ),
         Op::Chmod(i, m) => (
             model.chmod(PATHS[i], m),

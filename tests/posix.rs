@@ -8,7 +8,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
-use common::{KvfsMount, MODES, cstr, err_of, errno};
+use common::{KvfsMount, MODES, cstr, err_of, errno, renameat2};
 use kvfs::bench::connector::{
     AlignedBuf, check_block, fill_block, vllm_load, vllm_probe_o_direct, vllm_store,
 };
@@ -168,21 +168,6 @@ fn metadata_chmod_chown_utimens() {
     });
 }
 
-fn renameat2(from: &std::path::Path, to: &std::path::Path, flags: u32) -> i32 {
-    let (a, b) = (cstr(from), cstr(to));
-    // SAFETY: valid C strings.
-    let r = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            a.as_ptr(),
-            libc::AT_FDCWD,
-            b.as_ptr(),
-            flags,
-        )
-    };
-    if r == 0 { 0 } else { errno() }
-}
-
 #[test]
 fn directories_rename_and_errnos() {
     for_each_mode(&[], |m| {
@@ -232,15 +217,15 @@ fn directories_rename_and_errnos() {
         fs::write(m.path("q"), b"Q").unwrap();
         assert_eq!(
             renameat2(&m.path("p"), &m.path("q"), libc::RENAME_NOREPLACE),
-            libc::EEXIST
+            Err(libc::EEXIST)
         );
         assert_eq!(
             renameat2(&m.path("p"), &m.path("r"), libc::RENAME_NOREPLACE),
-            0
+            Ok(())
         );
         assert_eq!(
             renameat2(&m.path("r"), &m.path("q"), libc::RENAME_EXCHANGE),
-            0
+            Ok(())
         );
         assert_eq!(fs::read(m.path("q")).unwrap(), b"P");
         assert_eq!(fs::read(m.path("r")).unwrap(), b"Q");

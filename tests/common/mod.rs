@@ -151,3 +151,19 @@ pub fn err_of<T: std::fmt::Debug>(r: std::io::Result<T>) -> i32 {
         .raw_os_error()
         .expect("an OS error")
 }
+
+/// renameat2(2) with flags, as `Err(errno)` on failure.
+pub fn renameat2(from: &Path, to: &Path, flags: u32) -> Result<(), i32> {
+    let (a, b) = (cstr(from), cstr(to));
+    // SAFETY: valid C strings.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            flags,
+        )
+    };
+    if r == 0 { Ok(()) } else { Err(errno()) }
+}
