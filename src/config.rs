@@ -59,6 +59,10 @@ pub struct MountArgs {
     #[arg(long, env = "KVFS_LOCK_MEMORY", value_name = "MODE")]
     pub lock_memory: Option<String>,
 
+    /// Serve Prometheus metrics over HTTP at this address, e.g. 127.0.0.1:9464 (default: off).
+    #[arg(long, env = "KVFS_METRICS_ADDR", value_name = "ADDR")]
+    pub metrics_addr: Option<String>,
+
     /// Log level: error, warn, info, debug or trace (default: info).
     #[arg(long, env = "KVFS_LOG_LEVEL", value_name = "LEVEL")]
     pub log_level: Option<String>,
@@ -147,6 +151,8 @@ pub struct Config {
     pub allow_other: bool,
     /// Whether to page-lock sealed host tier files (mlock).
     pub lock_memory: LockMemory,
+    /// Where to serve Prometheus metrics over HTTP, if anywhere.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// One of error, warn, info, debug, trace.
     pub log_level: String,
     pub data_path: DataPath,
@@ -210,6 +216,10 @@ pub enum ConfigError {
     InvalidDataPath { value: String, origin: String },
     #[error("invalid lock-memory mode {value:?} for {origin} (expected auto, on or off)")]
     InvalidLockMemory { value: String, origin: String },
+    #[error(
+        "invalid metrics address {value:?} for {origin} (expected IP:PORT, e.g. 127.0.0.1:9464)"
+    )]
+    InvalidMetricsAddr { value: String, origin: String },
     #[error("log file path for {origin} is empty")]
     EmptyLogFile { origin: String },
     #[error("cannot resolve log file path {}: {error}", .path.display())]
@@ -245,6 +255,7 @@ struct FileConfig {
     threads: Option<i64>,
     allow_other: Option<bool>,
     lock_memory: Option<String>,
+    metrics_addr: Option<String>,
     log_level: Option<String>,
     data_path: Option<String>,
     log_file: Option<PathBuf>,
@@ -397,6 +408,25 @@ impl Config {
         };
         let lock_memory = keep(&mut problems, lock_memory);
 
+        let metrics_addr = match pick(
+            &args.metrics_addr,
+            "--metrics-addr",
+            &file,
+            |v| &v.metrics_addr,
+            "metrics_addr",
+        ) {
+            Some((s, origin)) => s
+                .trim()
+                .parse::<std::net::SocketAddr>()
+                .map(Some)
+                .map_err(|_| ConfigError::InvalidMetricsAddr {
+                    value: s.to_string(),
+                    origin,
+                }),
+            None => Ok(None),
+        };
+        let metrics_addr = keep(&mut problems, metrics_addr);
+
         let log_file = match (&args.log_file, &file) {
             (Some(p), _) => absolute_log_file(p, "--log-file".to_string()).map(Some),
             (None, Some(f)) => match &f.values.log_file {
@@ -426,6 +456,7 @@ impl Config {
             log_level,
             data_path,
             lock_memory,
+            metrics_addr,
             log_file,
         ) {
             (
@@ -435,6 +466,7 @@ impl Config {
                 Some(log_level),
                 Some(data_path),
                 Some(lock_memory),
+                Some(metrics_addr),
                 Some(log_file),
             ) if problems.is_empty() => Ok(Config {
                 mountpoint,
@@ -442,6 +474,7 @@ impl Config {
                 threads,
                 allow_other,
                 lock_memory,
+                metrics_addr,
                 log_level,
                 data_path,
                 daemon: args.daemon,

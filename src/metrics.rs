@@ -1,28 +1,47 @@
-//! Counters of what the daemon did, shared by the filesystem core and
-//! reported by `status` (and later by a Prometheus endpoint).
+//! What the daemon counts and how it is exported: counters shared by the
+//! filesystem core and the FUSE adapter, latency histograms per FUSE
+//! operation, errors by errno, and tier gauges; rendered as Prometheus text
+//! at `<mount>/.kvfs/stats` and, with `--metrics-addr`, over HTTP.
+//!
+//! Reads and writes that pass through to a backing file never reach the
+//! daemon, so byte counters cover only what the daemon itself moved;
+//! `sealed_bytes` counts what writers stored.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-/// Monotonic event counters. Reads and writes that pass through to a
-/// backing file never reach the daemon, so byte counters cover only what the
-/// daemon itself moved; `sealed_bytes` counts what writers stored.
+use prometheus_client::encoding::{EncodeLabelSet, text::encode};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::store::HostUsage;
+
+/// Monotonic event counters.
 #[derive(Debug, Default)]
 pub struct Counters {
     /// Lookups that found a regular file.
-    pub hits: AtomicU64,
+    pub hits: Counter,
     /// Lookups of names that do not exist.
-    pub misses: AtomicU64,
-    pub creates: AtomicU64,
-    pub opens: AtomicU64,
+    pub misses: Counter,
+    pub creates: Counter,
+    /// Opens of regular files, creates included.
+    pub opens: Counter,
     /// Files whose last writer closed, and their sizes then.
-    pub sealed_files: AtomicU64,
-    pub sealed_bytes: AtomicU64,
+    pub sealed_files: Counter,
+    pub sealed_bytes: Counter,
     /// Bytes moved by the daemon's own read/write handlers (fallback path).
-    pub daemon_read_bytes: AtomicU64,
-    pub daemon_write_bytes: AtomicU64,
-    /// Opens answered with passthrough, and those that fell back.
-    pub passthrough_opens: AtomicU64,
-    pub fallback_opens: AtomicU64,
+    pub daemon_read_bytes: Counter,
+    pub daemon_write_bytes: Counter,
+    /// Opens answered with passthrough, and those the daemon serves.
+    pub passthrough_opens: Counter,
+    pub fallback_opens: Counter,
+    /// Files the host tier dropped to make room.
+    pub evictions: Counter,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -41,18 +60,313 @@ pub struct CounterSnapshot {
 
 impl Counters {
     pub fn snapshot(&self) -> CounterSnapshot {
-        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         CounterSnapshot {
-            hits: g(&self.hits),
-            misses: g(&self.misses),
-            creates: g(&self.creates),
-            opens: g(&self.opens),
-            sealed_files: g(&self.sealed_files),
-            sealed_bytes: g(&self.sealed_bytes),
-            daemon_read_bytes: g(&self.daemon_read_bytes),
-            daemon_write_bytes: g(&self.daemon_write_bytes),
-            passthrough_opens: g(&self.passthrough_opens),
-            fallback_opens: g(&self.fallback_opens),
+            hits: self.hits.get(),
+            misses: self.misses.get(),
+            creates: self.creates.get(),
+            opens: self.opens.get(),
+            sealed_files: self.sealed_files.get(),
+            sealed_bytes: self.sealed_bytes.get(),
+            daemon_read_bytes: self.daemon_read_bytes.get(),
+            daemon_write_bytes: self.daemon_write_bytes.get(),
+            passthrough_opens: self.passthrough_opens.get(),
+            fallback_opens: self.fallback_opens.get(),
         }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabel {
+    pub op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabel {
+    pub op: &'static str,
+    pub errno: i32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TierLabel {
+    tier: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    // 10 us to ~10 s: metadata ops take microseconds, a fallback read of a
+    // whole block tens of milliseconds.
+    Histogram::new(exponential_buckets(10e-6, 4.0, 11))
+}
+
+type Gauges = Family<TierLabel, Gauge<i64, std::sync::atomic::AtomicI64>>;
+
+/// Everything the daemon exports.
+pub struct Metrics {
+    pub counters: Counters,
+    pub op_seconds: Family<OpLabel, Histogram, fn() -> Histogram>,
+    pub errors: Family<ErrorLabel, Counter>,
+    capacity: Gauges,
+    used: Gauges,
+    files: Gauges,
+    locked: Gauges,
+    registry: Registry,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("kvfs");
+        let counters = Counters::default();
+        let c = &counters;
+        for (name, help, counter) in [
+            ("lookup_hits", "Lookups that found a regular file", &c.hits),
+            (
+                "lookup_misses",
+                "Lookups of names that do not exist",
+                &c.misses,
+            ),
+            ("creates", "Files created", &c.creates),
+            (
+                "opens",
+                "Opens of regular files, creates included",
+                &c.opens,
+            ),
+            (
+                "passthrough_opens",
+                "Opens answered with FUSE passthrough",
+                &c.passthrough_opens,
+            ),
+            (
+                "fallback_opens",
+                "Opens served by the daemon's own handlers",
+                &c.fallback_opens,
+            ),
+            (
+                "sealed_files",
+                "Files whose last writer closed",
+                &c.sealed_files,
+            ),
+            (
+                "sealed_bytes",
+                "Bytes of files when their last writer closed",
+                &c.sealed_bytes,
+            ),
+            (
+                "daemon_read_bytes",
+                "Bytes read through the daemon (fallback path)",
+                &c.daemon_read_bytes,
+            ),
+            (
+                "daemon_write_bytes",
+                "Bytes written through the daemon (fallback path)",
+                &c.daemon_write_bytes,
+            ),
+            (
+                "evictions",
+                "Files dropped from a tier to make room",
+                &c.evictions,
+            ),
+        ] {
+            registry.register(name, help, counter.clone());
+        }
+        let op_seconds: Family<OpLabel, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "fuse_op_seconds",
+            "Time the daemon spent on each FUSE request, by operation",
+            op_seconds.clone(),
+        );
+        let errors = Family::<ErrorLabel, Counter>::default();
+        registry.register(
+            "fuse_errors",
+            "FUSE requests answered with an error, by operation and errno",
+            errors.clone(),
+        );
+        let gauges = |registry: &mut Registry, name, help| {
+            let g = Gauges::default();
+            registry.register(name, help, g.clone());
+            g
+        };
+        let capacity = gauges(
+            &mut registry,
+            "tier_capacity_bytes",
+            "Capacity of each tier",
+        );
+        let used = gauges(
+            &mut registry,
+            "tier_used_bytes",
+            "Bytes allocated in each tier",
+        );
+        let files = gauges(&mut registry, "tier_files", "Files held by each tier");
+        let locked = gauges(
+            &mut registry,
+            "tier_locked_bytes",
+            "Page-locked bytes of each tier",
+        );
+        Metrics {
+            counters,
+            op_seconds,
+            errors,
+            capacity,
+            used,
+            files,
+            locked,
+            registry,
+        }
+    }
+
+    /// Times one FUSE request until the returned guard drops.
+    pub fn time(&self, op: &'static str) -> OpTimer<'_> {
+        OpTimer {
+            metrics: self,
+            op,
+            start: Instant::now(),
+        }
+    }
+
+    pub fn error(&self, op: &'static str, errno: i32) {
+        self.errors.get_or_create(&ErrorLabel { op, errno }).inc();
+    }
+
+    /// Prometheus text exposition, with the tier gauges as of now.
+    pub fn render(&self, host: &HostUsage) -> String {
+        let tier = TierLabel { tier: "host" };
+        let set = |g: &Gauges, v: u64| {
+            g.get_or_create(&tier)
+                .set(i64::try_from(v).unwrap_or(i64::MAX));
+        };
+        set(&self.capacity, host.capacity);
+        set(&self.used, host.used);
+        set(&self.files, host.files);
+        set(&self.locked, host.locked_bytes);
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+pub struct OpTimer<'a> {
+    metrics: &'a Metrics,
+    op: &'static str,
+    start: Instant,
+}
+
+impl Drop for OpTimer<'_> {
+    fn drop(&mut self) {
+        self.metrics
+            .op_seconds
+            .get_or_create(&OpLabel { op: self.op })
+            .observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+/// Serves `render()` over HTTP at `addr` (`GET /metrics`, or any path) from
+/// a thread of its own. Binding happens here, so a taken or bad address
+/// fails the mount instead of a background thread.
+pub fn serve(
+    addr: SocketAddr,
+    render: Arc<dyn Fn() -> String + Send + Sync>,
+) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr)?;
+    let bound = listener.local_addr()?;
+    std::thread::Builder::new()
+        .name("kvfs-metrics".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                if let Err(e) = answer(stream, &*render) {
+                    tracing::debug!(error = %e, "metrics request failed");
+                }
+            }
+        })?;
+    Ok(bound)
+}
+
+/// Reads one request (headers only) and answers it; scrapers send nothing
+/// else, and a slow or silent client is cut off after a few seconds.
+fn answer(stream: TcpStream, render: &(dyn Fn() -> String + Send + Sync)) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let is_get = line.starts_with("GET ");
+    loop {
+        let mut header = String::new();
+        if reader.read_line(&mut header)? == 0 || header == "\r\n" || header == "\n" {
+            break;
+        }
+    }
+    let (status, body) = if is_get {
+        ("200 OK", render())
+    } else {
+        ("405 Method Not Allowed", "only GET\n".to_string())
+    };
+    let mut stream = stream;
+    write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    stream.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usage() -> HostUsage {
+        HostUsage {
+            capacity: 1000,
+            used: 10,
+            files: 2,
+            locked_bytes: 0,
+            locking: false,
+            lock_policy: "off".into(),
+            evictions: 0,
+        }
+    }
+
+    #[test]
+    fn renders_counters_histograms_and_gauges() {
+        let m = Metrics::new();
+        m.counters.hits.inc();
+        m.counters.sealed_bytes.inc_by(4096);
+        drop(m.time("lookup"));
+        m.error("lookup", libc::ENOENT);
+        let text = m.render(&usage());
+        for want in [
+            "kvfs_lookup_hits_total 1",
+            "kvfs_sealed_bytes_total 4096",
+            "kvfs_fuse_op_seconds_count{op=\"lookup\"} 1",
+            "kvfs_fuse_errors_total{op=\"lookup\",errno=\"2\"} 1",
+            "kvfs_tier_capacity_bytes{tier=\"host\"} 1000",
+            "kvfs_tier_files{tier=\"host\"} 2",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn serves_http() {
+        let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(|| "x 1\n".to_string());
+        let addr = serve("127.0.0.1:0".parse().unwrap(), render).unwrap();
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        std::io::Read::read_to_string(&mut s, &mut out).unwrap();
+        assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
+        assert!(out.ends_with("\r\n\r\nx 1\n"), "{out}");
     }
 }

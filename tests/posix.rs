@@ -530,3 +530,49 @@ fn page_locking_follows_the_lock_memory_setting() {
     let auto = KvfsMount::start(&[]);
     assert_eq!(auto.status()["host"]["locking"], swap);
 }
+
+#[test]
+fn unmount_frees_the_backing_files() {
+    let mut m = KvfsMount::start(&["--metrics-addr", "127.0.0.1:0"]);
+    fs::write(m.path("f"), vec![1u8; 1 << 20]).unwrap();
+    let dir = std::path::PathBuf::from(format!("/dev/shm/kvfs-{}", m.pid().unwrap()));
+    assert!(dir.is_dir(), "backing dir {} missing", dir.display());
+    let status = m.stop().unwrap();
+    assert!(status.success(), "kvfs exited with {status}");
+    assert!(!dir.exists(), "backing files left in {}", dir.display());
+}
+
+#[test]
+fn metrics_move_with_the_workload() {
+    let m = KvfsMount::start(&["--data-path", "fallback"]);
+    let read = |m: &KvfsMount| fs::read_to_string(m.path(".kvfs/stats")).unwrap();
+    let value = |text: &str, key: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    let before = read(&m);
+    fs::write(m.path("f"), vec![1u8; 3000]).unwrap();
+    let _ = fs::metadata(m.path("missing"));
+    let _ = fs::read(m.path("f")).unwrap();
+    let after = read(&m);
+    assert_eq!(
+        value(&after, "kvfs_creates_total") - value(&before, "kvfs_creates_total"),
+        1.0
+    );
+    assert_eq!(value(&after, "kvfs_sealed_bytes_total"), 3000.0);
+    assert!(value(&after, "kvfs_daemon_read_bytes_total") >= 3000.0);
+    assert!(value(&after, "kvfs_lookup_misses_total") >= 1.0);
+    assert!(
+        value(&after, "kvfs_fuse_op_seconds_count{op=\"create\"}") >= 1.0,
+        "{after}"
+    );
+    assert!(
+        value(&after, "kvfs_fuse_errors_total{op=\"lookup\",errno=\"2\"}") >= 1.0,
+        "{after}"
+    );
+    assert!(
+        value(&after, "kvfs_tier_used_bytes{tier=\"host\"}") >= 3000.0,
+        "{after}"
+    );
+}

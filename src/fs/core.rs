@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::SystemTime;
 
-use crate::metrics::Counters;
+use crate::metrics::Metrics;
 use crate::namespace::{FileState, Ino, Namespace, NodeKind, NsError, Owner, ROOT_INO, RenameMode};
 use crate::store::host::{FileStat, SetTime};
 use crate::store::{HostFile, HostTier, HostUsage, StoreError};
@@ -22,6 +22,9 @@ pub const CONTROL_DIR: &str = ".kvfs";
 pub const CONTROL_DIR_INO: Ino = 2;
 pub const STATUS_FILE: &str = "status";
 pub const STATUS_INO: Ino = 3;
+/// Prometheus text, for scrapers that read files.
+pub const STATS_FILE: &str = "stats";
+pub const STATS_INO: Ino = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {
@@ -151,7 +154,7 @@ pub struct Kvfs {
     next_fh: AtomicU64,
     data_mode: Mutex<DataMode>,
     invalidator: OnceLock<Invalidator>,
-    pub counters: Counters,
+    pub metrics: Metrics,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -177,7 +180,7 @@ impl Kvfs {
             next_fh: AtomicU64::new(1),
             data_mode: Mutex::new(DataMode::Fallback),
             invalidator: OnceLock::new(),
-            counters: Counters::default(),
+            metrics: Metrics::new(),
         }
     }
 
@@ -207,10 +210,10 @@ impl Kvfs {
     /// Attributes of the control entries; the status file's size is that of
     /// the document an open would serve now.
     fn control_attr(&self, ns: &Namespace, ino: Ino) -> Attr {
-        let (kind, perm, nlink, size) = if ino == CONTROL_DIR_INO {
-            (Kind::Dir, 0o555, 2, 0)
-        } else {
-            (Kind::File, 0o444, 1, self.status_doc(ns).len() as u64)
+        let (kind, perm, nlink, size) = match ino {
+            CONTROL_DIR_INO => (Kind::Dir, 0o555, 2, 0),
+            STATS_INO => (Kind::File, 0o444, 1, self.prometheus_text().len() as u64),
+            _ => (Kind::File, 0o444, 1, self.status_doc(ns).len() as u64),
         };
         let now = SystemTime::now();
         Attr {
@@ -229,7 +232,7 @@ impl Kvfs {
     }
 
     fn is_control(ino: Ino) -> bool {
-        ino == CONTROL_DIR_INO || ino == STATUS_INO
+        matches!(ino, CONTROL_DIR_INO | STATUS_INO | STATS_INO)
     }
 
     /// Builds attributes from the namespace and, for files, the backing file.
@@ -275,10 +278,10 @@ impl Kvfs {
             return Ok(self.control_attr(&ns, CONTROL_DIR_INO));
         }
         if parent == CONTROL_DIR_INO {
-            return if name == STATUS_FILE {
-                Ok(self.control_attr(&ns, STATUS_INO))
-            } else {
-                Err(NsError::NotFound.into())
+            return match name.to_str() {
+                Some(STATUS_FILE) => Ok(self.control_attr(&ns, STATUS_INO)),
+                Some(STATS_FILE) => Ok(self.control_attr(&ns, STATS_INO)),
+                _ => Err(NsError::NotFound.into()),
             };
         }
         match ns.lookup(parent, name) {
@@ -286,12 +289,12 @@ impl Kvfs {
                 let attr = self.attr_of(&ns, ino)?;
                 ns.remember(ino);
                 if attr.kind == Kind::File {
-                    self.counters.hits.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.counters.hits.inc();
                 }
                 Ok(attr)
             }
             Err(NsError::NotFound) => {
-                self.counters.misses.fetch_add(1, Ordering::Relaxed);
+                self.metrics.counters.misses.inc();
                 Err(NsError::NotFound.into())
             }
             Err(e) => Err(e.into()),
@@ -440,8 +443,8 @@ impl Kvfs {
             file: Arc::clone(&file),
             writable: true,
         });
-        self.counters.creates.fetch_add(1, Ordering::Relaxed);
-        self.counters.opens.fetch_add(1, Ordering::Relaxed);
+        self.metrics.counters.creates.inc();
+        self.metrics.counters.opens.inc();
         Ok((
             attr,
             Opened {
@@ -466,11 +469,16 @@ impl Kvfs {
     pub fn open(&self, ino: Ino, flags: i32) -> Result<Opened> {
         let acc = flags & libc::O_ACCMODE;
         let writable = acc == libc::O_WRONLY || acc == libc::O_RDWR;
-        if ino == STATUS_INO {
+        if ino == STATUS_INO || ino == STATS_INO {
             if writable {
-                return Err(FsError::ReadOnly("the status file"));
+                return Err(FsError::ReadOnly("the control directory"));
             }
-            let fh = self.new_fh(Handle::Status(self.status_json()));
+            let doc = if ino == STATUS_INO {
+                self.status_json()
+            } else {
+                self.prometheus_text().into_bytes()
+            };
+            let fh = self.new_fh(Handle::Status(doc));
             return Ok(Opened { fh, file: None });
         }
         if ino == CONTROL_DIR_INO {
@@ -498,7 +506,7 @@ impl Kvfs {
         }
         ns.open(ino, writable)?;
         drop(ns);
-        self.counters.opens.fetch_add(1, Ordering::Relaxed);
+        self.metrics.counters.opens.inc();
         let fh = self.new_fh(Handle::File {
             ino,
             file: Arc::clone(&file),
@@ -528,9 +536,7 @@ impl Kvfs {
         let mut buf = vec![0u8; size as usize];
         let n = file.read_at(&mut buf, offset).map_err(io_err("pread"))?;
         buf.truncate(n);
-        self.counters
-            .daemon_read_bytes
-            .fetch_add(n as u64, Ordering::Relaxed);
+        self.metrics.counters.daemon_read_bytes.inc_by(n as u64);
         Ok(buf)
     }
 
@@ -562,9 +568,10 @@ impl Kvfs {
             self.drop_evicted(&mut ns, &evicted);
         }
         file.write_at(data, offset).map_err(io_err("pwrite"))?;
-        self.counters
+        self.metrics
+            .counters
             .daemon_write_bytes
-            .fetch_add(data.len() as u64, Ordering::Relaxed);
+            .inc_by(data.len() as u64);
         let _ = ino;
         Ok(data.len() as u32)
     }
@@ -595,10 +602,8 @@ impl Kvfs {
         }
         if sealed {
             let bytes = file.stat().map(|s| s.size).unwrap_or(0);
-            self.counters.sealed_files.fetch_add(1, Ordering::Relaxed);
-            self.counters
-                .sealed_bytes
-                .fetch_add(bytes, Ordering::Relaxed);
+            self.metrics.counters.sealed_files.inc();
+            self.metrics.counters.sealed_bytes.inc_by(bytes);
         }
         drop(ns);
         if settled {
@@ -616,6 +621,7 @@ impl Kvfs {
 
     /// Removes evicted files from the namespace and tells the kernel.
     fn drop_evicted(&self, ns: &mut Namespace, evicted: &[Ino]) {
+        self.metrics.counters.evictions.inc_by(evicted.len() as u64);
         for &ino in evicted {
             let Ok(node) = ns.get(ino) else { continue };
             let (parent, name) = (node.parent, node.name.clone());
@@ -682,6 +688,7 @@ impl Kvfs {
             entry(ino, true, "."),
             entry(ROOT_INO, true, ".."),
             entry(STATUS_INO, false, STATUS_FILE),
+            entry(STATS_INO, false, STATS_FILE),
         ])
     }
 
@@ -836,6 +843,11 @@ impl Kvfs {
         node.xattrs.remove(name).map(|_| ()).ok_or(FsError::NoAttr)
     }
 
+    /// Prometheus text, served at `.kvfs/stats` and by `--metrics-addr`.
+    pub fn prometheus_text(&self) -> String {
+        self.metrics.render(&self.host.usage())
+    }
+
     /// The daemon's state as JSON, served at `.kvfs/status`.
     pub fn status_json(&self) -> Vec<u8> {
         self.status_doc(&self.ns())
@@ -848,7 +860,7 @@ impl Kvfs {
             data_path: self.data_mode(),
             files: ns.file_count(),
             host: self.host.usage(),
-            counters: self.counters.snapshot(),
+            counters: self.metrics.counters.snapshot(),
         };
         let mut out = serde_json::to_vec_pretty(&status).unwrap_or_default();
         out.push(b'\n');

@@ -56,11 +56,13 @@ fn reply_error(op: &'static str, err: &FsError) -> Errno {
 
 /// Unwraps a core result or replies with the mapped errno and returns.
 macro_rules! tri {
-    ($op:literal, $reply:ident, $e:expr) => {
+    ($self:ident, $op:literal, $reply:ident, $e:expr) => {
         match $e {
             Ok(v) => v,
             Err(err) => {
-                $reply.error(reply_error($op, &err));
+                let errno = reply_error($op, &err);
+                $self.core.metrics.error($op, errno.code());
+                $reply.error(errno);
                 return;
             }
         }
@@ -164,13 +166,13 @@ impl FuseFs {
     }
 
     fn count_open(&self, passthrough: bool) {
-        let c = &self.core.counters;
+        let c = &self.core.metrics.counters;
         let counter = if passthrough {
             &c.passthrough_opens
         } else {
             &c.fallback_opens
         };
-        counter.fetch_add(1, Ordering::Relaxed);
+        counter.inc();
     }
 }
 
@@ -204,16 +206,19 @@ impl Filesystem for FuseFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let attr = tri!("lookup", reply, self.core.lookup(parent.0, name));
+        let _timer = self.core.metrics.time("lookup");
+        let attr = tri!(self, "lookup", reply, self.core.lookup(parent.0, name));
         reply.entry(&TTL, &file_attr(&attr), Generation(0));
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        let _timer = self.core.metrics.time("forget");
         self.core.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        let attr = tri!("getattr", reply, self.core.getattr(ino.0));
+        let _timer = self.core.metrics.time("getattr");
+        let attr = tri!(self, "getattr", reply, self.core.getattr(ino.0));
         reply.attr(&TTL, &file_attr(&attr));
     }
 
@@ -235,6 +240,7 @@ impl Filesystem for FuseFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let _timer = self.core.metrics.time("setattr");
         let set = SetAttr {
             mode,
             uid,
@@ -243,7 +249,12 @@ impl Filesystem for FuseFs {
             atime: set_time(atime),
             mtime: set_time(mtime),
         };
-        let attr = tri!("setattr", reply, self.core.setattr(ino.0, caller(req), set));
+        let attr = tri!(
+            self,
+            "setattr",
+            reply,
+            self.core.setattr(ino.0, caller(req), set)
+        );
         reply.attr(&TTL, &file_attr(&attr));
     }
 
@@ -257,7 +268,9 @@ impl Filesystem for FuseFs {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
+        let _timer = self.core.metrics.time("mknod");
         let attr = tri!(
+            self,
             "mknod",
             reply,
             self.core.mknod(parent.0, name, mode, caller(req))
@@ -274,7 +287,9 @@ impl Filesystem for FuseFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
+        let _timer = self.core.metrics.time("mkdir");
         let attr = tri!(
+            self,
             "mkdir",
             reply,
             self.core.mkdir(parent.0, name, mode, caller(req))
@@ -283,12 +298,14 @@ impl Filesystem for FuseFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        tri!("unlink", reply, self.core.unlink(parent.0, name));
+        let _timer = self.core.metrics.time("unlink");
+        tri!(self, "unlink", reply, self.core.unlink(parent.0, name));
         reply.ok();
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        tri!("rmdir", reply, self.core.rmdir(parent.0, name));
+        let _timer = self.core.metrics.time("rmdir");
+        tri!(self, "rmdir", reply, self.core.rmdir(parent.0, name));
         reply.ok();
     }
 
@@ -302,6 +319,7 @@ impl Filesystem for FuseFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        let _timer = self.core.metrics.time("rename");
         let mode = if flags.is_empty() {
             RenameMode::Replace
         } else if flags == RenameFlags::RENAME_NOREPLACE {
@@ -313,6 +331,7 @@ impl Filesystem for FuseFs {
             return;
         };
         tri!(
+            self,
             "rename",
             reply,
             self.core.rename(parent.0, name, newparent.0, newname, mode)
@@ -321,7 +340,8 @@ impl Filesystem for FuseFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let opened = tri!("open", reply, self.core.open(ino.0, flags.0));
+        let _timer = self.core.metrics.time("open");
+        let opened = tri!(self, "open", reply, self.core.open(ino.0, flags.0));
         let backing = opened
             .file
             .as_deref()
@@ -346,7 +366,9 @@ impl Filesystem for FuseFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        let _timer = self.core.metrics.time("create");
         let (attr, opened) = tri!(
+            self,
             "create",
             reply,
             self.core.create(parent.0, name, mode, flags, caller(req))
@@ -387,7 +409,8 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let data = tri!("read", reply, self.core.read(fh.0, offset, size));
+        let _timer = self.core.metrics.time("read");
+        let data = tri!(self, "read", reply, self.core.read(fh.0, offset, size));
         reply.data(&data);
     }
 
@@ -403,7 +426,8 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let n = tri!("write", reply, self.core.write(fh.0, offset, data));
+        let _timer = self.core.metrics.time("write");
+        let n = tri!(self, "write", reply, self.core.write(fh.0, offset, data));
         reply.written(n);
     }
 
@@ -415,6 +439,7 @@ impl Filesystem for FuseFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        let _timer = self.core.metrics.time("flush");
         reply.ok();
     }
 
@@ -428,7 +453,8 @@ impl Filesystem for FuseFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        tri!("release", reply, self.core.release(fh.0));
+        let _timer = self.core.metrics.time("release");
+        tri!(self, "release", reply, self.core.release(fh.0));
         reply.ok();
     }
 
@@ -440,13 +466,15 @@ impl Filesystem for FuseFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _timer = self.core.metrics.time("fsync");
         // The host tier is the only tier: the bytes are already where they
         // will stay. Lower tiers will make this wait for them.
         reply.ok();
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let fh = tri!("opendir", reply, self.core.opendir(ino.0));
+        let _timer = self.core.metrics.time("opendir");
+        let fh = tri!(self, "opendir", reply, self.core.opendir(ino.0));
         reply.opened(FileHandle(fh), FopenFlags::empty());
     }
 
@@ -458,6 +486,7 @@ impl Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _timer = self.core.metrics.time("readdir");
         let res = self.core.readdir(fh.0, offset, |ino, kind, name, next| {
             let kind = match kind {
                 Kind::Dir => FileType::Directory,
@@ -465,7 +494,7 @@ impl Filesystem for FuseFs {
             };
             reply.add(INodeNo(ino), next, kind, name)
         });
-        tri!("readdir", reply, res);
+        tri!(self, "readdir", reply, res);
         reply.ok();
     }
 
@@ -477,6 +506,7 @@ impl Filesystem for FuseFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        let _timer = self.core.metrics.time("releasedir");
         self.core.releasedir(fh.0);
         reply.ok();
     }
@@ -489,10 +519,12 @@ impl Filesystem for FuseFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let _timer = self.core.metrics.time("fsyncdir");
         reply.ok();
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let _timer = self.core.metrics.time("statfs");
         let (capacity, free, files) = self.core.statfs();
         let bsize = u64::from(BLKSIZE);
         // Inodes are not a limited resource here; report a large pool of
@@ -520,7 +552,9 @@ impl Filesystem for FuseFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        let _timer = self.core.metrics.time("setxattr");
         tri!(
+            self,
             "setxattr",
             reply,
             self.core.setxattr(ino.0, name, value, flags)
@@ -529,24 +563,33 @@ impl Filesystem for FuseFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let value = tri!("getxattr", reply, self.core.getxattr(ino.0, name));
+        let _timer = self.core.metrics.time("getxattr");
+        let value = tri!(self, "getxattr", reply, self.core.getxattr(ino.0, name));
         reply_xattr(reply, &value, size);
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let names = tri!("listxattr", reply, self.core.listxattr(ino.0));
+        let _timer = self.core.metrics.time("listxattr");
+        let names = tri!(self, "listxattr", reply, self.core.listxattr(ino.0));
         reply_xattr(reply, &names, size);
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        tri!("removexattr", reply, self.core.removexattr(ino.0, name));
+        let _timer = self.core.metrics.time("removexattr");
+        tri!(
+            self,
+            "removexattr",
+            reply,
+            self.core.removexattr(ino.0, name)
+        );
         reply.ok();
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        let _timer = self.core.metrics.time("access");
         // Permission bits are checked by the kernel (default_permissions);
         // this only confirms the inode exists.
-        tri!("access", reply, self.core.getattr(ino.0));
+        tri!(self, "access", reply, self.core.getattr(ino.0));
         reply.ok();
     }
 }

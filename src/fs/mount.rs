@@ -37,6 +37,12 @@ pub enum MountError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot serve metrics on {addr}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot unmount {path}")]
     Unmount {
         path: PathBuf,
@@ -178,6 +184,16 @@ pub fn mount(config: &Config) -> Result<Mounted, MountError> {
     let (lock, policy) = lock_policy(config.lock_memory);
     let host = HostTier::new(backing, config.host_capacity, lock, policy);
     let core = Arc::new(Kvfs::new(host, me));
+    // Bound before mounting, so a taken port fails the mount cleanly.
+    if let Some(addr) = config.metrics_addr {
+        // Weak: the server thread must not keep the tier (and its backing
+        // directory) alive past the unmount.
+        let c = Arc::downgrade(&core);
+        let render = move || c.upgrade().map(|c| c.prometheus_text()).unwrap_or_default();
+        let bound = crate::metrics::serve(addr, Arc::new(render))
+            .map_err(|source| MountError::Metrics { addr, source })?;
+        tracing::info!(addr = %bound, "serving Prometheus metrics");
+    }
     let fs = FuseFs::new(Arc::clone(&core), config.data_path);
 
     let options = vec![

@@ -87,6 +87,10 @@ impl KvfsMount {
         KvfsMount::start(&args)
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn path(&self, rel: &str) -> PathBuf {
         self.mnt.join(rel)
     }
