@@ -11,8 +11,9 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 
 use kvfs::bench::connector::{self, Pattern, RunSpec};
-use kvfs::config::{Config, MountArgs, format_size, parse_size};
+use kvfs::config::{Config, LogFormat, MountArgs, format_size, parse_size};
 use kvfs::fs::mount;
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 /// Environment variable through which a `--daemon` parent hands its child
 /// the write end of the readiness pipe.
@@ -127,20 +128,26 @@ fn init_logging(config: &Config) -> anyhow::Result<()> {
         .unwrap_or_else(|_| {
             format!("kvfs={0},fuser=warn,fuser::mnt=error", config.log_level).into()
         });
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match &config.log_file {
+    let (writer, ansi) = match &config.log_file {
         Some(path) => {
             let file = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(path)
                 .with_context(|| format!("cannot open log file {}", path.display()))?;
-            builder.with_ansi(false).with_writer(file).init();
+            (BoxMakeWriter::new(std::sync::Arc::new(file)), false)
         }
-        None => builder
-            .with_ansi(std::io::stderr().is_terminal())
-            .with_writer(std::io::stderr)
-            .init(),
+        None => (
+            BoxMakeWriter::new(std::io::stderr),
+            std::io::stderr().is_terminal(),
+        ),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
+    match config.log_format {
+        LogFormat::Text => builder.with_ansi(ansi).init(),
+        LogFormat::Json => builder.json().init(),
     }
     Ok(())
 }

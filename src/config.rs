@@ -67,6 +67,10 @@ pub struct MountArgs {
     #[arg(long, env = "KVFS_LOG_LEVEL", value_name = "LEVEL")]
     pub log_level: Option<String>,
 
+    /// Log line format: text or json (one JSON object per line) (default: text).
+    #[arg(long, env = "KVFS_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<String>,
+
     /// How file data reaches the kernel: auto, passthrough or fallback (default: auto).
     #[arg(long, env = "KVFS_DATA_PATH", value_name = "MODE")]
     pub data_path: Option<String>,
@@ -115,6 +119,14 @@ impl fmt::Display for DataPath {
     }
 }
 
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
 /// Whether sealed host tier files are page-locked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -151,6 +163,7 @@ pub struct Config {
     pub allow_other: bool,
     /// Whether to page-lock sealed host tier files (mlock).
     pub lock_memory: LockMemory,
+    pub log_format: LogFormat,
     /// Where to serve Prometheus metrics over HTTP, if anywhere.
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// One of error, warn, info, debug, trace.
@@ -216,6 +229,8 @@ pub enum ConfigError {
     InvalidDataPath { value: String, origin: String },
     #[error("invalid lock-memory mode {value:?} for {origin} (expected auto, on or off)")]
     InvalidLockMemory { value: String, origin: String },
+    #[error("invalid log format {value:?} for {origin} (expected text or json)")]
+    InvalidLogFormat { value: String, origin: String },
     #[error(
         "invalid metrics address {value:?} for {origin} (expected IP:PORT, e.g. 127.0.0.1:9464)"
     )]
@@ -257,6 +272,7 @@ struct FileConfig {
     lock_memory: Option<String>,
     metrics_addr: Option<String>,
     log_level: Option<String>,
+    log_format: Option<String>,
     data_path: Option<String>,
     log_file: Option<PathBuf>,
 }
@@ -427,6 +443,25 @@ impl Config {
         };
         let metrics_addr = keep(&mut problems, metrics_addr);
 
+        let log_format = match pick(
+            &args.log_format,
+            "--log-format",
+            &file,
+            |v| &v.log_format,
+            "log_format",
+        ) {
+            Some((s, origin)) => match s.trim().to_ascii_lowercase().as_str() {
+                "text" => Ok(LogFormat::Text),
+                "json" => Ok(LogFormat::Json),
+                _ => Err(ConfigError::InvalidLogFormat {
+                    value: s.to_string(),
+                    origin,
+                }),
+            },
+            None => Ok(LogFormat::Text),
+        };
+        let log_format = keep(&mut problems, log_format);
+
         let log_file = match (&args.log_file, &file) {
             (Some(p), _) => absolute_log_file(p, "--log-file".to_string()).map(Some),
             (None, Some(f)) => match &f.values.log_file {
@@ -457,6 +492,7 @@ impl Config {
             data_path,
             lock_memory,
             metrics_addr,
+            log_format,
             log_file,
         ) {
             (
@@ -467,6 +503,7 @@ impl Config {
                 Some(data_path),
                 Some(lock_memory),
                 Some(metrics_addr),
+                Some(log_format),
                 Some(log_file),
             ) if problems.is_empty() => Ok(Config {
                 mountpoint,
@@ -475,6 +512,7 @@ impl Config {
                 allow_other,
                 lock_memory,
                 metrics_addr,
+                log_format,
                 log_level,
                 data_path,
                 daemon: args.daemon,
