@@ -21,6 +21,13 @@ fn json_logs_are_one_object_per_line() {
     let log_arg = log.to_str().unwrap();
     let mut m = KvfsMount::start(&["--log-format", "json", "--log-file", log_arg]);
     std::fs::write(m.path("f"), b"x").unwrap();
+    // The kernel shows the subtype, so findmnt -t fuse.kvfs finds mounts.
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let line = mounts
+        .lines()
+        .find(|l| l.split(' ').nth(1) == m.mnt.to_str())
+        .expect("mounted");
+    assert_eq!(line.split(' ').nth(2), Some("fuse.kvfs"), "{line}");
     m.stop();
     let text = std::fs::read_to_string(&log).unwrap();
     let lines: Vec<&str> = text.lines().collect();

@@ -198,7 +198,9 @@ pub fn mount(config: &Config) -> Result<Mounted, MountError> {
 
     let options = vec![
         MountOption::FSName("kvfs".into()),
-        MountOption::Subtype("kvfs".into()),
+        // fuser passes no subtype to the mount syscall itself; as a data
+        // option the kernel shows the type as fuse.kvfs (findmnt -t fuse.kvfs).
+        MountOption::CUSTOM("subtype=kvfs".into()),
         MountOption::DefaultPermissions,
         MountOption::NoDev,
         MountOption::NoSuid,
