@@ -1,10 +1,12 @@
 //! The block store: where the bytes of each regular file live, and how much
 //! room each tier has. It knows inode numbers, never names or FUSE.
 //!
-//! Only the host tier exists so far (`host`): one shmem backing file per file,
-//! bounded by a byte-weighted LRU.
+//! `host`: one shmem backing file per file, bounded by a byte-weighted LRU.
+//! `nvme`: the local-disk tier's storage engine (io_uring, O_DIRECT,
+//! checksummed, crash-safe); not yet wired into the filesystem.
 
 pub mod host;
+pub mod nvme;
 
 pub use host::{HostFile, HostTier, HostUsage};
 
