@@ -59,6 +59,18 @@ pub struct MountArgs {
     #[arg(long, env = "KVFS_LOCK_MEMORY", value_name = "MODE")]
     pub lock_memory: Option<String>,
 
+    /// Directory of the NVMe tier, or "none" (default: none).
+    #[arg(long, env = "KVFS_NVME_DIR", value_name = "DIR")]
+    pub nvme_dir: Option<String>,
+
+    /// Capacity of the NVMe tier, e.g. 500GiB (default: 50% of the directory's free space at mount).
+    #[arg(long, env = "KVFS_NVME_CAPACITY", value_name = "SIZE")]
+    pub nvme_capacity: Option<String>,
+
+    /// When fsync returns: memory (at once) or local (once the file is on NVMe) (default: local with an NVMe tier).
+    #[arg(long, env = "KVFS_DURABILITY", value_name = "LEVEL")]
+    pub durability: Option<String>,
+
     /// Serve Prometheus metrics over HTTP at this address, e.g. 127.0.0.1:9464 (default: off).
     #[arg(long, env = "KVFS_METRICS_ADDR", value_name = "ADDR")]
     pub metrics_addr: Option<String>,
@@ -119,6 +131,15 @@ impl fmt::Display for DataPath {
     }
 }
 
+/// When fsync returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// At once: nothing waits for a lower tier.
+    Memory,
+    /// Once the file is on the NVMe tier.
+    Local,
+}
+
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -164,6 +185,11 @@ pub struct Config {
     /// Whether to page-lock sealed host tier files (mlock).
     pub lock_memory: LockMemory,
     pub log_format: LogFormat,
+    /// The NVMe tier's directory, if the tier is on.
+    pub nvme_dir: Option<PathBuf>,
+    /// Its capacity; `None` means half the free space at mount.
+    pub nvme_capacity: Option<u64>,
+    pub durability: Durability,
     /// Where to serve Prometheus metrics over HTTP, if anywhere.
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// One of error, warn, info, debug, trace.
@@ -229,6 +255,12 @@ pub enum ConfigError {
     InvalidDataPath { value: String, origin: String },
     #[error("invalid lock-memory mode {value:?} for {origin} (expected auto, on or off)")]
     InvalidLockMemory { value: String, origin: String },
+    #[error("NVMe directory {} for {origin} does not exist or is not a directory", .path.display())]
+    NvmeDir { path: PathBuf, origin: String },
+    #[error("NVMe capacity must be greater than 0")]
+    ZeroNvmeCapacity,
+    #[error("invalid durability {value:?} for {origin} (expected memory or local)")]
+    InvalidDurability { value: String, origin: String },
     #[error("invalid log format {value:?} for {origin} (expected text or json)")]
     InvalidLogFormat { value: String, origin: String },
     #[error(
@@ -271,6 +303,9 @@ struct FileConfig {
     allow_other: Option<bool>,
     lock_memory: Option<String>,
     metrics_addr: Option<String>,
+    nvme_dir: Option<String>,
+    nvme_capacity: Option<FileSize>,
+    durability: Option<String>,
     log_level: Option<String>,
     log_format: Option<String>,
     data_path: Option<String>,
@@ -462,6 +497,60 @@ impl Config {
         };
         let log_format = keep(&mut problems, log_format);
 
+        let nvme_dir = match pick(
+            &args.nvme_dir,
+            "--nvme-dir",
+            &file,
+            |v| &v.nvme_dir,
+            "nvme_dir",
+        ) {
+            Some((s, _)) if s.trim().eq_ignore_ascii_case("none") => Ok(None),
+            Some((s, origin)) => {
+                let p = PathBuf::from(s.trim());
+                if p.is_dir() {
+                    Ok(Some(std::fs::canonicalize(&p).unwrap_or(p)))
+                } else {
+                    Err(ConfigError::NvmeDir { path: p, origin })
+                }
+            }
+            None => Ok(None),
+        };
+        let nvme_dir = keep(&mut problems, nvme_dir);
+        let nvme_capacity = match (
+            &args.nvme_capacity,
+            file.as_ref().and_then(|f| f.values.nvme_capacity.as_ref()),
+        ) {
+            (Some(s), _) => parse_size(s).map(Some),
+            (None, Some(FileSize::Bytes(n))) => u64::try_from(*n)
+                .map(Some)
+                .map_err(|_| ConfigError::ZeroNvmeCapacity),
+            (None, Some(FileSize::Text(s))) => parse_size(s).map(Some),
+            (None, None) => Ok(None),
+        };
+        let nvme_capacity = match nvme_capacity {
+            Ok(Some(0)) => Err(ConfigError::ZeroNvmeCapacity),
+            other => other,
+        };
+        let nvme_capacity = keep(&mut problems, nvme_capacity);
+        let durability = match pick(
+            &args.durability,
+            "--durability",
+            &file,
+            |v| &v.durability,
+            "durability",
+        ) {
+            Some((s, origin)) => match s.trim().to_ascii_lowercase().as_str() {
+                "memory" => Ok(Some(Durability::Memory)),
+                "local" => Ok(Some(Durability::Local)),
+                _ => Err(ConfigError::InvalidDurability {
+                    value: s.to_string(),
+                    origin,
+                }),
+            },
+            None => Ok(None),
+        };
+        let durability = keep(&mut problems, durability);
+
         let log_file = match (&args.log_file, &file) {
             (Some(p), _) => absolute_log_file(p, "--log-file".to_string()).map(Some),
             (None, Some(f)) => match &f.values.log_file {
@@ -493,6 +582,9 @@ impl Config {
             lock_memory,
             metrics_addr,
             log_format,
+            nvme_dir,
+            nvme_capacity,
+            durability,
             log_file,
         ) {
             (
@@ -504,6 +596,9 @@ impl Config {
                 Some(lock_memory),
                 Some(metrics_addr),
                 Some(log_format),
+                Some(nvme_dir),
+                Some(nvme_capacity),
+                Some(durability),
                 Some(log_file),
             ) if problems.is_empty() => Ok(Config {
                 mountpoint,
@@ -513,6 +608,13 @@ impl Config {
                 lock_memory,
                 metrics_addr,
                 log_format,
+                durability: durability.unwrap_or(if nvme_dir.is_some() {
+                    Durability::Local
+                } else {
+                    Durability::Memory
+                }),
+                nvme_dir,
+                nvme_capacity,
                 log_level,
                 data_path,
                 daemon: args.daemon,

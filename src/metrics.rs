@@ -40,8 +40,10 @@ pub struct Counters {
     /// Opens answered with passthrough, and those the daemon serves.
     pub passthrough_opens: Counter,
     pub fallback_opens: Counter,
-    /// Files the host tier dropped to make room.
+    /// Files (or lower-tier copies) dropped to make room.
     pub evictions: Counter,
+    /// NVMe-only files copied back into the host tier on open.
+    pub promotions: Counter,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -56,6 +58,7 @@ pub struct CounterSnapshot {
     pub daemon_write_bytes: u64,
     pub passthrough_opens: u64,
     pub fallback_opens: u64,
+    pub promotions: u64,
 }
 
 impl Counters {
@@ -71,6 +74,7 @@ impl Counters {
             daemon_write_bytes: self.daemon_write_bytes.get(),
             passthrough_opens: self.passthrough_opens.get(),
             fallback_opens: self.fallback_opens.get(),
+            promotions: self.promotions.get(),
         }
     }
 }

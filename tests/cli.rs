@@ -50,6 +50,9 @@ fn bad_operational_settings_exit_2_and_mount_nothing() {
         (vec!["--log-format", "xml"], "log format"),
         (vec!["--metrics-addr", "localhost"], "metrics address"),
         (vec!["--lock-memory", "maybe"], "lock-memory"),
+        (vec!["--nvme-dir", "/nonexistent/kvfs"], "NVMe directory"),
+        (vec!["--durability", "sometimes"], "durability"),
+        (vec!["--nvme-capacity", "0"], "NVMe capacity"),
     ] {
         let mut all = vec!["mount", mnt];
         all.extend(args.iter().copied());

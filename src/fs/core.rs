@@ -13,6 +13,8 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::SystemTime;
 
 use crate::metrics::Metrics;
+
+mod lower;
 use crate::namespace::{FileState, Ino, Namespace, NodeKind, NsError, Owner, ROOT_INO, RenameMode};
 use crate::store::host::{FileStat, SetTime};
 use crate::store::{HostFile, HostTier, HostUsage, StoreError};
@@ -140,7 +142,17 @@ struct Status<'a> {
     data_path: DataMode,
     files: u64,
     host: HostUsage,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nvme: Option<NvmeUsage>,
     counters: crate::metrics::CounterSnapshot,
+}
+
+#[derive(serde::Serialize)]
+struct NvmeUsage {
+    capacity: u64,
+    used: u64,
+    files: u64,
+    o_direct: bool,
 }
 
 /// Told the (parent, name) of every entry the daemon removes on its own
@@ -154,6 +166,10 @@ pub struct Kvfs {
     next_fh: AtomicU64,
     data_mode: Mutex<DataMode>,
     invalidator: OnceLock<Invalidator>,
+    /// The NVMe tier, when configured.
+    lower: Option<lower::Lower>,
+    /// fsync waits for the NVMe copy (durability `local`).
+    sync_waits_for_nvme: bool,
     pub metrics: Metrics,
 }
 
@@ -180,8 +196,23 @@ impl Kvfs {
             next_fh: AtomicU64::new(1),
             data_mode: Mutex::new(DataMode::Fallback),
             invalidator: OnceLock::new(),
+            lower: None,
+            sync_waits_for_nvme: false,
             metrics: Metrics::new(),
         }
+    }
+
+    /// With durability `local`, fsync returns once the file is on NVMe.
+    pub fn set_sync_waits_for_nvme(&mut self, wait: bool) {
+        self.sync_waits_for_nvme = wait;
+    }
+
+    /// fsync/fdatasync of a file.
+    pub fn fsync(&self, ino: Ino) -> Result<()> {
+        if self.sync_waits_for_nvme && !Self::is_control(ino) {
+            return self.sync_to_nvme(ino);
+        }
+        Ok(())
     }
 
     pub fn set_data_mode(&self, mode: DataMode) {
@@ -257,8 +288,7 @@ impl Kvfs {
         if node.is_dir() {
             attr.size = 4096;
             attr.blocks = 8;
-        } else {
-            let file = self.host.get(ino).ok_or(FsError::Stale(ino))?;
+        } else if let Some(file) = self.host.get(ino) {
             let st: FileStat = file.stat().map_err(io_err("fstat"))?;
             attr.size = st.size;
             attr.blocks = st.allocated / 512;
@@ -266,6 +296,16 @@ impl Kvfs {
             attr.mtime = st.mtime;
             // The namespace changes ctime too (chmod, rename): show the later.
             attr.ctime = st.ctime.max(node.ctime);
+        } else {
+            // Only on NVMe (demoted), or gone (evicted: the kernel retries).
+            let key = node.lower.nvme.as_deref().ok_or(FsError::Stale(ino))?;
+            let md = self.nvme_stat(key).ok_or(FsError::Stale(ino))?;
+            use std::os::unix::fs::MetadataExt;
+            attr.size = md.len();
+            attr.blocks = md.blocks();
+            attr.atime = md.accessed().unwrap_or(node.atime);
+            attr.mtime = md.modified().unwrap_or(node.mtime);
+            attr.ctime = node.ctime;
         }
         Ok(attr)
     }
@@ -310,6 +350,12 @@ impl Kvfs {
         if Self::is_control(ino) {
             return Err(FsError::ReadOnly("the control directory"));
         }
+        if self.lower.is_some()
+            && (set.size.is_some() || set.atime.is_some() || set.mtime.is_some())
+            && !self.ns().get(ino)?.is_dir()
+        {
+            self.host_copy(ino)?;
+        }
         let mut ns = self.ns();
         let now = SystemTime::now();
         let is_dir = ns.get(ino)?.is_dir();
@@ -321,6 +367,11 @@ impl Kvfs {
             // Growing makes a hole, which allocates nothing: no room needed.
             file.set_len(size).map_err(io_err("ftruncate"))?;
             self.host.remeasure(ino);
+            // The lower copy no longer matches; a closed file is copied again.
+            self.drop_nvme_copy(&mut ns, ino);
+            if ns.get(ino)?.open == 0 {
+                self.queue_flush(ino, false);
+            }
         }
         let node = ns.get_mut(ino)?;
         if let Some(mode) = set.mode {
@@ -355,6 +406,12 @@ impl Kvfs {
                 file.set_times(atime, mtime).map_err(io_err("futimens"))?;
                 self.host.touch(ino);
             }
+        }
+        if self.lower.is_some() && !is_dir && ns.get(ino)?.open == 0 {
+            // A promotion for this setattr left the file pinned; settle it.
+            let evictable = self.is_clean(&ns, ino);
+            let evicted = self.host.settle(ino, evictable);
+            self.drop_evicted(&mut ns, &evicted);
         }
         self.attr_of(&ns, ino)
     }
@@ -405,6 +462,7 @@ impl Kvfs {
         caller: Caller,
     ) -> Result<(Attr, Opened)> {
         self.check_writable_parent(parent, name)?;
+        self.wait_for_flushes();
         let mut ns = self.ns();
         match ns.lookup(parent, name) {
             Ok(_) if flags & libc::O_EXCL != 0 => return Err(NsError::Exists.into()),
@@ -484,6 +542,10 @@ impl Kvfs {
         if ino == CONTROL_DIR_INO {
             return Err(NsError::IsDir.into());
         }
+        if self.lower.is_some() && !self.ns().get(ino)?.is_dir() {
+            // Only on NVMe: copy it back (verified) before opening it.
+            self.host_copy(ino)?;
+        }
         let mut ns = self.ns();
         let node = ns.get(ino)?;
         if node.is_dir() {
@@ -495,7 +557,8 @@ impl Kvfs {
         if writable && let Err(e) = self.make_room(&mut ns) {
             if ns.get(ino)?.open == 0 {
                 // Nobody else holds it: back in the LRU.
-                let evicted = self.host.settle(ino);
+                let evictable = self.is_clean(&ns, ino);
+                let evicted = self.host.settle(ino, evictable);
                 self.drop_evicted(&mut ns, &evicted);
             }
             return Err(e);
@@ -503,6 +566,10 @@ impl Kvfs {
         if flags & libc::O_TRUNC != 0 && writable {
             file.set_len(0).map_err(io_err("ftruncate"))?;
             self.host.remeasure(ino);
+        }
+        if writable {
+            // The contents may change: the lower copy is no longer the file.
+            self.drop_nvme_copy(&mut ns, ino);
         }
         ns.open(ino, writable)?;
         drop(ns);
@@ -595,7 +662,8 @@ impl Kvfs {
         if !linked && closed {
             self.unlinked(&mut ns, ino);
         } else if closed && node.file_state() == Some(FileState::Sealed) {
-            let evicted = self.host.settle(ino);
+            let evictable = self.is_clean(&ns, ino);
+            let evicted = self.host.settle(ino, evictable);
             self.drop_evicted(&mut ns, &evicted);
             // A file too large for the tier is among the evicted.
             settled = !evicted.contains(&ino);
@@ -608,8 +676,15 @@ impl Kvfs {
         drop(ns);
         if settled {
             self.host.park(&file);
+            self.queue_flush(ino, false);
         }
         Ok(())
+    }
+
+    /// May the host tier drop this file's bytes? Without a lower tier,
+    /// always (an eviction is a cache miss); with one, once they are there.
+    fn is_clean(&self, ns: &Namespace, ino: Ino) -> bool {
+        self.lower.is_none() || ns.get(ino).is_ok_and(|n| n.lower.nvme.is_some())
     }
 
     /// Room for one more written file, evicting as needed.
@@ -624,6 +699,10 @@ impl Kvfs {
         self.metrics.counters.evictions.inc_by(evicted.len() as u64);
         for &ino in evicted {
             let Ok(node) = ns.get(ino) else { continue };
+            if node.lower.nvme.is_some() || node.lower.flushing {
+                // Demoted: the bytes stay on NVMe (or are on their way).
+                continue;
+            }
             let (parent, name) = (node.parent, node.name.clone());
             tracing::debug!(ino, path = ?ns.path_of(ino), "evicted from host tier");
             if ns.unlink(parent, &name, SystemTime::now()).is_ok() {
@@ -645,6 +724,7 @@ impl Kvfs {
         self.check_writable_parent(parent, name)?;
         let mut ns = self.ns();
         let ino = ns.unlink(parent, name, SystemTime::now())?;
+        self.drop_nvme_copy(&mut ns, ino);
         self.unlinked(&mut ns, ino);
         Ok(())
     }
@@ -668,7 +748,29 @@ impl Kvfs {
         self.check_writable_parent(parent, name)?;
         self.check_writable_parent(newparent, newname)?;
         let mut ns = self.ns();
+        let src = ns.lookup(parent, name)?;
+        let dst = ns.lookup(newparent, newname).ok();
+        let old_path = ns.path_of(src).map(|p| p.to_string_lossy().into_owned());
         let out = ns.rename(parent, name, newparent, newname, mode, SystemTime::now())?;
+        if self.lower.is_some() {
+            if mode == RenameMode::Exchange {
+                // Both names change: drop both copies; closed files are
+                // copied again under their new names.
+                for ino in [Some(src), dst].into_iter().flatten() {
+                    self.drop_nvme_copy(&mut ns, ino);
+                    if ns.get(ino).is_ok_and(|n| n.open == 0 && !n.is_dir()) {
+                        self.queue_flush(ino, false);
+                    }
+                }
+            } else {
+                if let Some(old) = out.replaced {
+                    self.drop_nvme_copy(&mut ns, old);
+                }
+                if let Some(old_path) = old_path {
+                    self.follow_rename(&mut ns, src, &old_path);
+                }
+            }
+        }
         if let Some(old) = out.replaced {
             self.unlinked(&mut ns, old);
         }
@@ -738,27 +840,31 @@ impl Kvfs {
     }
 
     /// (capacity, free, files) for statfs.
+    /// (capacity, free, files) for statfs: every tier together.
     pub fn statfs(&self) -> (u64, u64, u64) {
         let usage = self.host.usage();
         let files = self.ns().file_count();
-        (
-            usage.capacity,
-            usage.capacity.saturating_sub(usage.used),
-            files,
-        )
+        let (mut capacity, mut free) = (usage.capacity, usage.capacity.saturating_sub(usage.used));
+        if let Some((cap, used, _, _)) = self.nvme_usage() {
+            capacity += cap;
+            free += cap.saturating_sub(used);
+        }
+        (capacity, free, files)
     }
 
     fn builtin_xattr(&self, ns: &Namespace, ino: Ino, name: &OsStr) -> Result<Option<Vec<u8>>> {
         let node = ns.get(ino)?;
         Ok(match name.to_str() {
-            Some("user.kvfs.tier") if !node.is_dir() => Some(
-                if self.host.get(ino).is_some() {
-                    "host"
-                } else {
-                    ""
-                }
-                .into(),
-            ),
+            Some("user.kvfs.tier") if !node.is_dir() => {
+                let tiers: Vec<&str> = [
+                    self.host.get(ino).is_some().then_some("host"),
+                    node.lower.nvme.is_some().then_some("nvme"),
+                ]
+                .into_iter()
+                .flatten()
+                .collect();
+                Some(tiers.join(",").into())
+            }
             Some("user.kvfs.state") => node.file_state().map(|s| s.as_str().into()),
             _ => None,
         })
@@ -860,6 +966,14 @@ impl Kvfs {
             data_path: self.data_mode(),
             files: ns.file_count(),
             host: self.host.usage(),
+            nvme: self
+                .nvme_usage()
+                .map(|(capacity, used, files, o_direct)| NvmeUsage {
+                    capacity,
+                    used,
+                    files,
+                    o_direct,
+                }),
             counters: self.metrics.counters.snapshot(),
         };
         let mut out = serde_json::to_vec_pretty(&status).unwrap_or_default();

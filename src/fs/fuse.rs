@@ -461,14 +461,15 @@ impl Filesystem for FuseFs {
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
         let _timer = self.core.metrics.time("fsync");
-        // The host tier is the only tier: the bytes are already where they
-        // will stay. Lower tiers will make this wait for them.
+        // With durability `local` this returns once the file is on NVMe;
+        // otherwise the bytes are already where they will stay.
+        tri!(self, "fsync", reply, self.core.fsync(ino.0));
         reply.ok();
     }
 

@@ -14,9 +14,10 @@ use fuser::{BackgroundSession, INodeNo, MountOption, Session, SessionACL};
 
 use super::core::{Caller, DataMode, Kvfs};
 use super::fuse::FuseFs;
-use crate::config::{Config, DataPath, LockMemory};
+use crate::config::{Config, DataPath, Durability, LockMemory};
 use crate::store::HostTier;
 use crate::store::host::BackingDir;
+use crate::store::nvme::{NvmeConfig, NvmeTier};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
@@ -36,6 +37,12 @@ pub enum MountError {
         path: PathBuf,
         #[source]
         source: std::io::Error,
+    },
+    #[error("cannot open the NVMe tier in {dir}")]
+    Nvme {
+        dir: PathBuf,
+        #[source]
+        source: crate::store::nvme::NvmeError,
     },
     #[error("cannot serve metrics on {addr}")]
     Metrics {
@@ -121,6 +128,20 @@ fn backing_dir_path() -> PathBuf {
     base.join(format!("kvfs-{}", std::process::id()))
 }
 
+/// The NVMe tier's default capacity: half of what its filesystem has free.
+fn half_free_space(dir: &Path) -> u64 {
+    let Ok(c) = CString::new(dir.as_os_str().as_bytes()) else {
+        return 0;
+    };
+    // SAFETY: zeroed statvfs is valid; statvfs fills it.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid path and out pointer.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return 0;
+    }
+    st.f_bavail * st.f_frsize / 2
+}
+
 /// Whether to page-lock, and the reason `status` shows.
 fn lock_policy(mode: LockMemory) -> (bool, String) {
     match mode {
@@ -183,7 +204,34 @@ pub fn mount(config: &Config) -> Result<Mounted, MountError> {
     })?;
     let (lock, policy) = lock_policy(config.lock_memory);
     let host = HostTier::new(backing, config.host_capacity, lock, policy);
-    let core = Arc::new(Kvfs::new(host, me));
+    let mut core = Kvfs::new(host, me);
+    if let Some(dir) = &config.nvme_dir {
+        let capacity = config.nvme_capacity.unwrap_or_else(|| half_free_space(dir));
+        let started = std::time::Instant::now();
+        let (tier, recovered) = NvmeTier::open(NvmeConfig {
+            dir: dir.clone(),
+            capacity,
+        })
+        .map_err(|source| MountError::Nvme {
+            dir: dir.clone(),
+            source,
+        })?;
+        tracing::info!(
+            dir = %dir.display(),
+            capacity,
+            o_direct = tier.o_direct(),
+            recovered = recovered.len(),
+            seconds = started.elapsed().as_secs_f64(),
+            "NVMe tier opened"
+        );
+        core.attach_nvme(tier, recovered);
+        core.set_sync_waits_for_nvme(config.durability == Durability::Local);
+    }
+    let core = Arc::new(core);
+    core.start_flusher().map_err(|source| MountError::Mount {
+        path: config.mountpoint.clone(),
+        source,
+    })?;
     // Bound before mounting, so a taken port fails the mount cleanly.
     if let Some(addr) = config.metrics_addr {
         // Weak: the server thread must not keep the tier (and its backing

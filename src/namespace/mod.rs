@@ -88,6 +88,21 @@ pub struct Inode {
     pub mtime: SystemTime,
     pub ctime: SystemTime,
     pub xattrs: BTreeMap<OsString, Vec<u8>>,
+    /// Lower-tier state of a regular file.
+    pub lower: Lower,
+}
+
+/// Where a regular file's bytes are below the host tier.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Lower {
+    /// The NVMe copy of the current contents, by its key (the path it was
+    /// stored under).
+    pub nvme: Option<String>,
+    /// A copy to NVMe is under way.
+    pub flushing: bool,
+    /// Bumped by every writable open: a copy taken at another version may
+    /// be stale.
+    pub version: u64,
 }
 
 impl Inode {
@@ -187,6 +202,7 @@ impl Namespace {
                 mtime: now,
                 ctime: now,
                 xattrs: BTreeMap::new(),
+                lower: Lower::default(),
             },
         );
         Namespace {
@@ -288,6 +304,7 @@ impl Namespace {
                 mtime: now,
                 ctime: now,
                 xattrs: BTreeMap::new(),
+                lower: Lower::default(),
             },
         );
         Ok(ino)
@@ -532,6 +549,9 @@ impl Namespace {
     pub fn open(&mut self, ino: Ino, writable: bool) -> Result<(), NsError> {
         let node = self.get_mut(ino)?;
         node.open += 1;
+        if writable {
+            node.lower.version += 1;
+        }
         if let NodeKind::File { state, writers } = &mut node.kind
             && writable
         {
@@ -556,6 +576,52 @@ impl Namespace {
             }
         }
         Ok(false)
+    }
+
+    /// Creates the directories of `path` (relative, `/`-separated) that do
+    /// not exist yet and returns the last one.
+    pub fn mkdir_p(&mut self, path: &str, owner: Owner, now: SystemTime) -> Result<Ino, NsError> {
+        let mut dir = ROOT_INO;
+        for comp in path.split('/').filter(|c| !c.is_empty()) {
+            dir = match self.lookup(dir, comp.as_ref()) {
+                Ok(ino) if self.get(ino)?.is_dir() => ino,
+                Ok(_) => return Err(NsError::NotDir),
+                Err(NsError::NotFound) => self.mkdir(dir, comp.as_ref(), owner, now)?,
+                Err(e) => return Err(e),
+            };
+        }
+        Ok(dir)
+    }
+
+    /// Puts back a sealed file found in a lower tier at mount time.
+    pub fn insert_sealed(
+        &mut self,
+        path: &str,
+        owner: Owner,
+        mtime: SystemTime,
+    ) -> Result<Ino, NsError> {
+        // Directories need their search bit, whatever the files' mode.
+        let dir_owner = Owner {
+            perm: 0o755,
+            ..owner
+        };
+        let (dir, name) = match path.rsplit_once('/') {
+            Some((d, n)) => (self.mkdir_p(d, dir_owner, mtime)?, n),
+            None => (ROOT_INO, path),
+        };
+        let ino = self.create_file(dir, name.as_ref(), owner, mtime)?;
+        let node = self.get_mut(ino)?;
+        node.kind = NodeKind::File {
+            state: FileState::Sealed,
+            writers: 0,
+        };
+        node.lower.nvme = Some(path.to_owned());
+        Ok(ino)
+    }
+
+    /// Every inode, for bulk updates of lower-tier keys.
+    pub fn files_mut(&mut self) -> impl Iterator<Item = &mut Inode> {
+        self.inodes.values_mut()
     }
 
     /// Path of an inode relative to the root, for logs and status.
@@ -750,6 +816,28 @@ mod tests {
         assert_eq!(ns.get(f).unwrap().file_state(), Some(FileState::Sealed));
         ns.open(f, true).unwrap();
         assert_eq!(ns.get(f).unwrap().file_state(), Some(FileState::Writing));
+    }
+
+    #[test]
+    fn recovered_files_come_back_sealed_under_their_paths() {
+        let mut ns = ns();
+        let a = ns.insert_sealed("m/x/a.bin", OWNER, now()).unwrap();
+        let b = ns.insert_sealed("m/x/b.bin", OWNER, now()).unwrap();
+        ns.insert_sealed("top", OWNER, now()).unwrap();
+        assert_eq!(ns.path_of(a), Some("m/x/a.bin".into()));
+        let m = ns.lookup(ROOT_INO, "m".as_ref()).unwrap();
+        assert_eq!(ns.get(m).unwrap().perm, 0o755);
+        assert_eq!(ns.get(b).unwrap().file_state(), Some(FileState::Sealed));
+        assert_eq!(ns.get(b).unwrap().lower.nvme.as_deref(), Some("m/x/b.bin"));
+        assert_eq!(ns.file_count(), 3);
+        assert_eq!(
+            ns.insert_sealed("top/z", OWNER, now()),
+            Err(NsError::NotDir)
+        );
+        // A writable open makes any lower copy possibly stale.
+        let v = ns.get(a).unwrap().lower.version;
+        ns.open(a, true).unwrap();
+        assert_eq!(ns.get(a).unwrap().lower.version, v + 1);
     }
 
     #[test]

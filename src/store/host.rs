@@ -588,9 +588,11 @@ impl HostTier {
     }
 
     /// The file is sealed and closed: measure it, make it the most recently
-    /// used evictable file, and evict others if the tier is over capacity.
-    /// Returns the evicted inodes; the caller removes their names.
-    pub fn settle(&self, ino: u64) -> Vec<u64> {
+    /// used evictable file (unless `evictable` is false: its bytes exist
+    /// nowhere else yet, see [`HostTier::make_evictable`]), and evict others
+    /// if the tier is over capacity. Returns the evicted inodes; the caller
+    /// removes their names.
+    pub fn settle(&self, ino: u64, evictable: bool) -> Vec<u64> {
         let mut inner = self.inner();
         let Some(file) = inner.files.get(&ino).map(|e| Arc::clone(&e.file)) else {
             return Vec::new();
@@ -616,7 +618,11 @@ impl HostTier {
             return vec![ino];
         }
         inner.largest = inner.largest.max(bytes);
-        inner.evictable.put(ino, ());
+        if evictable {
+            inner.evictable.put(ino, ());
+        } else {
+            inner.in_use.insert(ino);
+        }
         inner.refresh_in_use();
         while inner.accounted > self.capacity {
             // The file just sealed is the most recent: it goes last.
@@ -629,6 +635,42 @@ impl HostTier {
         self.evictions
             .fetch_add(evicted.len() as u64, Ordering::Relaxed);
         evicted
+    }
+
+    /// A settled file's bytes now also exist in a lower tier: it may be
+    /// evicted (as the most recently used). Returns what had to go to bring
+    /// the tier back within capacity.
+    pub fn make_evictable(&self, ino: u64) -> Vec<u64> {
+        let mut inner = self.inner();
+        if !inner.in_use.remove(&ino) {
+            return Vec::new();
+        }
+        inner.evictable.put(ino, ());
+        let mut evicted = Vec::new();
+        while inner.accounted > self.capacity {
+            match inner.evict_one() {
+                Some(victim) => evicted.push(victim),
+                None => break,
+            }
+        }
+        drop(inner);
+        self.evictions
+            .fetch_add(evicted.len() as u64, Ordering::Relaxed);
+        evicted
+    }
+
+    /// True while files that cannot be evicted leave no room for a new one:
+    /// a writer should wait for the flusher rather than fail.
+    pub fn is_jammed(&self) -> bool {
+        let mut inner = self.inner();
+        inner.refresh_in_use();
+        let pinned: u64 = inner
+            .in_use
+            .iter()
+            .filter_map(|ino| inner.files.get(ino).map(|e| e.bytes))
+            .sum();
+        let reserve = inner.largest.max(MIN_RESERVE).min(self.capacity);
+        pinned + reserve > self.capacity
     }
 
     /// Finishes settling a file: closes its descriptor and hands it to the
@@ -693,6 +735,12 @@ impl HostTier {
             used >= self.capacity
         };
         if full {
+            tracing::debug!(
+                used,
+                bytes,
+                in_use = ?self.inner().in_use,
+                "host tier full of files it cannot evict"
+            );
             return Err(StoreError::NoSpace {
                 used,
                 capacity: self.capacity,
@@ -768,11 +816,11 @@ mod tests {
         let tier = HostTier::scratch(3 * page as u64, false);
         for ino in 20..23 {
             fill(&tier, ino, page);
-            assert!(tier.settle(ino).is_empty());
+            assert!(tier.settle(ino, true).is_empty());
         }
         tier.touch(20); // 21 is now the least recent.
         fill(&tier, 23, page);
-        assert_eq!(tier.settle(23), vec![21]);
+        assert_eq!(tier.settle(23, true), vec![21]);
         assert!(tier.get(21).is_none());
         assert_eq!(tier.usage().used, 3 * page as u64);
         assert_eq!(tier.usage().evictions, 1);
@@ -783,9 +831,9 @@ mod tests {
         let page = 4096;
         let tier = HostTier::scratch(4 * page as u64, false);
         fill(&tier, 20, page);
-        tier.settle(20);
+        tier.settle(20, true);
         fill(&tier, 21, 5 * page);
-        assert_eq!(tier.settle(21), vec![21]);
+        assert_eq!(tier.settle(21, true), vec![21]);
         assert!(
             tier.get(20).is_some(),
             "a fitting file was evicted for nothing"
@@ -798,7 +846,7 @@ mod tests {
         let page = 4096u64;
         let tier = HostTier::scratch(2 * page, false);
         fill(&tier, 20, page as usize);
-        tier.settle(20);
+        tier.settle(20, true);
         tier.acquire(20); // opened again by a reader
         fill(&tier, 21, page as usize);
         // Only open or unsealed data: nothing to evict, and the tier is full.
@@ -810,11 +858,11 @@ mod tests {
         }
         assert!(tier.get(20).is_some() && tier.get(21).is_some());
         // Once closed, the older file makes room.
-        tier.settle(20);
+        tier.settle(20, true);
         assert_eq!(tier.reserve(page).unwrap(), vec![20]);
         // A request that cannot fit even in an empty tier evicts nothing.
         fill(&tier, 22, page as usize);
-        tier.settle(22);
+        tier.settle(22, true);
         assert!(tier.reserve(2 * page).is_err());
         assert!(tier.get(22).is_some());
     }
@@ -824,7 +872,7 @@ mod tests {
         let tier = HostTier::scratch(1 << 20, false);
         let f = tier.create(20).unwrap();
         f.set_len(1 << 30).unwrap();
-        tier.settle(20);
+        tier.settle(20, true);
         assert_eq!(tier.usage().used, 0);
         assert!(tier.get(20).is_some());
     }
@@ -833,7 +881,7 @@ mod tests {
     fn park_locks_pages_and_closes_the_descriptor() {
         let tier = HostTier::scratch(1 << 30, true);
         let f = fill(&tier, 20, 2 << 20);
-        tier.settle(20);
+        tier.settle(20, true);
         tier.park(&f);
         // The locker thread works in the background.
         let deadline = std::time::Instant::now() + Duration::from_secs(5);

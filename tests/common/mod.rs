@@ -66,18 +66,7 @@ impl KvfsMount {
             mnt,
             child: Some(child),
         };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while !m.mnt.join(".kvfs/status").exists() {
-            if let Some(status) = m.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("kvfs exited before mounting ({status}):\n{}", m.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "kvfs did not mount within 15 s:\n{}",
-                m.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        m.wait_mounted();
         m
     }
 
@@ -105,6 +94,56 @@ impl KvfsMount {
     pub fn status(&self) -> serde_json::Value {
         let text = std::fs::read_to_string(self.path(".kvfs/status")).expect("read status");
         serde_json::from_str(&text).expect("status is JSON")
+    }
+
+    /// Kills the daemon with SIGKILL (a crash) and detaches its dead mount.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        umount(&self.mnt, libc::MNT_DETACH);
+    }
+
+    /// Mounts again on the same mountpoint with `args` (after a stop or a
+    /// crash), keeping the temp dir.
+    pub fn restart(&mut self, args: &[&str]) {
+        if let Some(status) = self.stop() {
+            assert!(status.success(), "kvfs exited with {status}");
+        }
+        let log = std::fs::File::create(self.dir.path().join("kvfs.log")).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_kvfs"))
+            .arg("mount")
+            .arg(&self.mnt)
+            .args(args)
+            .env("KVFS_LOG_LEVEL", "debug")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn kvfs");
+        self.child = Some(child);
+        self.wait_mounted();
+    }
+
+    fn wait_mounted(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !self.mnt.join(".kvfs/status").exists() {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("kvfs exited before mounting ({status}):\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kvfs did not mount within 15 s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Stops the daemon with SIGTERM, as a user would, and returns its exit

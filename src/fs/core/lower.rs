@@ -1,0 +1,470 @@
+//! The core's side of the NVMe tier: writing sealed files back (one flusher
+//! thread, so copies of one path never race each other), keeping NVMe keys
+//! in step with renames and unlinks, promoting NVMe-only files on open,
+//! demoting instead of deleting on host eviction, and recovery at mount.
+//!
+//! NVMe keys are the files' paths in the mount, so the disk mirrors the
+//! namespace. Every NVMe rename or removal that follows a namespace change
+//! is made under the namespace lock; the long copies are not.
+
+use std::collections::HashMap;
+use std::os::fd::AsFd;
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::{Duration, Instant, SystemTime};
+
+use lru::LruCache;
+
+use super::{FsError, Kvfs, Result, io_err, lock};
+use crate::namespace::{Ino, Namespace, NodeKind, NsError, Owner};
+use crate::store::HostFile;
+use crate::store::host::SetTime;
+use crate::store::nvme::{NvmeError, NvmeTier, Recovered};
+
+/// A request to the flusher; `done` hears the outcome (fsync waits on it).
+pub(super) struct FlushJob {
+    ino: Ino,
+    done: Option<mpsc::Sender<Result<()>>>,
+}
+
+/// The NVMe tier as the core uses it.
+pub(super) struct Lower {
+    pub(super) tier: NvmeTier,
+    queue: Mutex<Option<mpsc::Sender<FlushJob>>>,
+    /// NVMe copies, least recently used first, for the tier's capacity.
+    lru: Mutex<LruCache<Ino, ()>>,
+    /// One lock per file being promoted, so concurrent opens copy once.
+    promoting: Mutex<HashMap<Ino, Arc<Mutex<()>>>>,
+    /// Flushes queued and not finished, and a signal when one finishes:
+    /// writers wait on it when the host tier is full of unflushed files.
+    pending: Mutex<u64>,
+    progress: Condvar,
+}
+
+/// How long a writer waits for write-back to make room before the create
+/// fails with ENOSPC.
+const BACKPRESSURE_LIMIT: Duration = Duration::from_secs(10);
+
+fn nvme_err(e: NvmeError) -> FsError {
+    match e {
+        NvmeError::NoSpace { used, capacity, .. } => {
+            FsError::Store(crate::store::StoreError::NoSpace { used, capacity })
+        }
+        e if e.is_missing() => FsError::Namespace(NsError::NotFound),
+        e => FsError::Io {
+            op: "nvme",
+            source: std::io::Error::other(e.to_string()),
+        },
+    }
+}
+
+/// Sets a file's times on its NVMe copy, so a demoted file keeps them.
+fn copy_times(to: &std::path::Path, atime: SystemTime, mtime: SystemTime) {
+    let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(to.as_os_str()));
+    let Ok(c) = c else { return };
+    let ts = |t: SystemTime| {
+        let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+        libc::timespec {
+            tv_sec: d.as_secs() as libc::time_t,
+            tv_nsec: d.subsec_nanos() as libc::c_long,
+        }
+    };
+    let times = [ts(atime), ts(mtime)];
+    // SAFETY: valid C string and two timespecs.
+    unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0) };
+}
+
+impl Kvfs {
+    /// Adds the NVMe tier and puts back the files it holds.
+    pub fn attach_nvme(&mut self, tier: NvmeTier, recovered: Vec<Recovered>) {
+        let mut lru = LruCache::unbounded();
+        {
+            let ns = self.ns.get_mut().unwrap_or_else(|p| p.into_inner());
+            let owner = Owner {
+                uid: 0,
+                gid: 0,
+                perm: 0o644,
+            };
+            // Oldest first, so the LRU starts in the order files were stored.
+            let mut recovered = recovered;
+            recovered.sort_by_key(|r| r.mtime);
+            for r in recovered {
+                match ns.insert_sealed(&r.key, owner, r.mtime) {
+                    Ok(ino) => {
+                        lru.put(ino, ());
+                    }
+                    Err(e) => {
+                        tracing::warn!(key = %r.key, error = %e, "cannot restore a file from NVMe");
+                    }
+                }
+            }
+        }
+        self.lower = Some(Lower {
+            tier,
+            queue: Mutex::new(None),
+            lru: Mutex::new(lru),
+            promoting: Mutex::new(HashMap::new()),
+            pending: Mutex::new(0),
+            progress: Condvar::new(),
+        });
+    }
+
+    /// Starts the flusher thread. It holds the core weakly, so it ends with
+    /// the mount.
+    pub fn start_flusher(self: &Arc<Self>) -> std::io::Result<()> {
+        let Some(lower) = &self.lower else {
+            return Ok(());
+        };
+        let (tx, rx) = mpsc::channel::<FlushJob>();
+        *lock(&lower.queue) = Some(tx);
+        let core: Weak<Kvfs> = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("kvfs-flush".into())
+            .spawn(move || {
+                for job in rx {
+                    let Some(core) = core.upgrade() else { break };
+                    let res = core.flush_now(job.ino);
+                    if let Err(e) = &res {
+                        tracing::warn!(ino = job.ino, error = %e, "write-back to NVMe failed");
+                        // The host must be free to drop it, or writers
+                        // waiting for room would wait for nothing.
+                        core.release_to_host_lru(job.ino);
+                    }
+                    if let Some(lower) = &core.lower {
+                        let mut pending = lock(&lower.pending);
+                        *pending = pending.saturating_sub(1);
+                        lower.progress.notify_all();
+                    }
+                    if let Some(done) = job.done {
+                        let _ = done.send(res);
+                    }
+                }
+            })?;
+        Ok(())
+    }
+
+    /// Stops accepting flushes (at unmount), letting the thread end.
+    pub fn stop_flusher(&self) {
+        if let Some(lower) = &self.lower {
+            lock(&lower.queue).take();
+        }
+    }
+
+    /// Queues a write-back; returns a receiver for its outcome if `wait`.
+    pub(super) fn queue_flush(&self, ino: Ino, wait: bool) -> Option<mpsc::Receiver<Result<()>>> {
+        let lower = self.lower.as_ref()?;
+        let (done, rx) = if wait {
+            let (tx, rx) = mpsc::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let queue = lock(&lower.queue);
+        queue.as_ref()?.send(FlushJob { ino, done }).ok()?;
+        *lock(&lower.pending) += 1;
+        rx
+    }
+
+    /// fsync: returns once the file's current contents are on NVMe.
+    pub fn sync_to_nvme(&self, ino: Ino) -> Result<()> {
+        match self.queue_flush(ino, true) {
+            Some(rx) => rx.recv().unwrap_or(Ok(())),
+            None => Ok(()),
+        }
+    }
+
+    /// Copies a file's current contents to NVMe (on the flusher thread).
+    fn flush_now(&self, ino: Ino) -> Result<()> {
+        let Some(lower) = &self.lower else {
+            return Ok(());
+        };
+        // Under the lock: what to copy, and mark it in flight.
+        let (key, version, file): (String, u64, Arc<HostFile>) = {
+            let mut ns = self.ns();
+            let Some(key) = ns.path_of(ino).map(|p| p.to_string_lossy().into_owned()) else {
+                return Ok(()); // unlinked meanwhile
+            };
+            let Some(file) = self.host.get(ino) else {
+                return Ok(()); // only on NVMe already, or evicted
+            };
+            let node = ns.get_mut(ino)?;
+            if !matches!(node.kind, NodeKind::File { .. }) || node.lower.flushing {
+                return Ok(());
+            }
+            if node.lower.nvme.as_deref() == Some(key.as_str()) && node.open == 0 {
+                return Ok(()); // already there
+            }
+            node.lower.flushing = true;
+            (key, node.lower.version, file)
+        };
+        let copied = self.copy_out(lower, &key, &file);
+        let mut ns = self.ns();
+        let Ok(node) = ns.get_mut(ino) else {
+            let _ = lower.tier.remove(&key);
+            return copied;
+        };
+        node.lower.flushing = false;
+        if let Err(e) = copied {
+            if self.host.get(ino).is_none() && node.lower.nvme.is_none() {
+                // Evicted from the host while being copied: nothing holds
+                // the bytes any more.
+                self.forget_file(&mut ns, ino);
+            }
+            return Err(e);
+        }
+        let stale = node.nlink == 0 || node.lower.version != version;
+        if stale {
+            let _ = lower.tier.remove(&key);
+            if node.nlink > 0 && self.host.get(ino).is_none() {
+                self.forget_file(&mut ns, ino);
+            }
+            return Ok(());
+        }
+        // A rename while copying moved the name: follow it on disk.
+        let now = ns.path_of(ino).map(|p| p.to_string_lossy().into_owned());
+        let Some(now) = now else { return Ok(()) };
+        if now != key {
+            let at_key = lower
+                .tier
+                .path_of(&key)
+                .map(|p| p.exists())
+                .unwrap_or(false);
+            if at_key {
+                lower.tier.rename(&key, &now).map_err(nvme_err)?;
+            }
+        }
+        let node = ns.get_mut(ino)?;
+        node.lower.nvme = Some(now);
+        let closed = node.open == 0;
+        lock(&lower.lru).put(ino, ());
+        if closed {
+            let evicted = self.host.make_evictable(ino);
+            self.drop_evicted(&mut ns, &evicted);
+        }
+        Ok(())
+    }
+
+    /// After a failed write-back: let the host tier evict the file after all.
+    fn release_to_host_lru(&self, ino: Ino) {
+        let mut ns = self.ns();
+        if ns.get(ino).is_ok_and(|n| n.open == 0) {
+            let evicted = self.host.make_evictable(ino);
+            self.drop_evicted(&mut ns, &evicted);
+        }
+    }
+
+    /// Backpressure: while the host tier is full of files that cannot be
+    /// evicted yet (unflushed, or still open), a new file waits for the
+    /// flusher, bounded, instead of failing or forcing out unflushed data.
+    /// It cannot wait only on queued flushes: the kernel sends RELEASE
+    /// asynchronously, so the previous file of the same writer may not even
+    /// be queued yet when its next create arrives.
+    pub(super) fn wait_for_flushes(&self) {
+        let Some(lower) = &self.lower else { return };
+        let deadline = Instant::now() + BACKPRESSURE_LIMIT;
+        while self.host.is_jammed() && Instant::now() < deadline {
+            let pending = lock(&lower.pending);
+            let _ = lower
+                .progress
+                .wait_timeout(pending, Duration::from_millis(20));
+        }
+    }
+
+    /// The long copy, outside the namespace lock. Makes room on NVMe by
+    /// dropping least recently used copies when the tier is full.
+    fn copy_out(&self, lower: &Lower, key: &str, file: &HostFile) -> Result<()> {
+        let st = file.stat().map_err(io_err("fstat"))?;
+        let fd = file.fd().map_err(io_err("open backing file"))?;
+        loop {
+            match lower.tier.put_from_fd(key, fd.as_fd(), st.size) {
+                Ok(_) => break,
+                // Full: drop the least recently used copy and try again.
+                Err(e @ NvmeError::NoSpace { .. }) => {
+                    if !self.drop_nvme_lru(file.ino()) {
+                        return Err(nvme_err(e));
+                    }
+                }
+                Err(e) => return Err(nvme_err(e)),
+            }
+        }
+        if let Ok(path) = lower.tier.path_of(key) {
+            copy_times(&path, st.atime, st.mtime);
+        }
+        Ok(())
+    }
+
+    /// Drops the least recently used NVMe copy (not of `keep`). A file that
+    /// is only on NVMe goes away: a cache miss. Returns false if none is left.
+    fn drop_nvme_lru(&self, keep: Ino) -> bool {
+        let Some(lower) = &self.lower else {
+            return false;
+        };
+        let mut ns = self.ns();
+        loop {
+            let victim = {
+                let mut lru = lock(&lower.lru);
+                match lru.pop_lru() {
+                    Some((ino, ())) if ino == keep => {
+                        lru.put(ino, ());
+                        if lru.len() == 1 {
+                            return false;
+                        }
+                        continue;
+                    }
+                    Some((ino, ())) => ino,
+                    None => return false,
+                }
+            };
+            let Ok(node) = ns.get_mut(victim) else {
+                continue;
+            };
+            let Some(key) = node.lower.nvme.take() else {
+                continue;
+            };
+            let _ = lower.tier.remove(&key);
+            self.metrics.counters.evictions.inc();
+            if self.host.get(victim).is_none() {
+                self.forget_file(&mut ns, victim);
+            }
+            return true;
+        }
+    }
+
+    /// Removes a file whose bytes are gone from every tier from the
+    /// namespace, and tells the kernel.
+    pub(super) fn forget_file(&self, ns: &mut Namespace, ino: Ino) {
+        let Ok(node) = ns.get(ino) else { return };
+        if node.nlink == 0 {
+            return;
+        }
+        let (parent, name) = (node.parent, node.name.clone());
+        if ns.unlink(parent, &name, SystemTime::now()).is_ok() {
+            ns.reap(ino);
+            if let Some(inval) = self.invalidator.get() {
+                inval(parent, name);
+            }
+        }
+    }
+
+    /// The NVMe copy of `ino` leaves with its name (unlink, or replaced by a
+    /// rename): remove it.
+    pub(super) fn drop_nvme_copy(&self, ns: &mut Namespace, ino: Ino) {
+        let Some(lower) = &self.lower else { return };
+        if let Ok(node) = ns.get_mut(ino)
+            && let Some(key) = node.lower.nvme.take()
+        {
+            let _ = lower.tier.remove(&key);
+            lock(&lower.lru).pop(&ino);
+        }
+    }
+
+    /// After a namespace rename of `ino` (file or directory) from `old`:
+    /// move its NVMe copies along.
+    pub(super) fn follow_rename(&self, ns: &mut Namespace, ino: Ino, old: &str) {
+        let Some(lower) = &self.lower else { return };
+        let Some(new) = ns.path_of(ino).map(|p| p.to_string_lossy().into_owned()) else {
+            return;
+        };
+        let is_dir = ns.get(ino).map(|n| n.is_dir()).unwrap_or(false);
+        if is_dir {
+            let exists = lower.tier.path_of(old).map(|p| p.exists()).unwrap_or(false);
+            if exists && let Err(e) = lower.tier.rename(old, &new) {
+                tracing::warn!(from = old, to = %new, error = %e, "cannot rename on NVMe");
+            }
+            let prefix = format!("{old}/");
+            for node in ns.files_mut() {
+                if let Some(key) = &mut node.lower.nvme
+                    && key.starts_with(&prefix)
+                {
+                    *key = format!("{new}/{}", &key[prefix.len()..]);
+                }
+            }
+        } else if let Ok(node) = ns.get_mut(ino)
+            && let Some(key) = node.lower.nvme.clone()
+        {
+            match lower.tier.rename(&key, &new) {
+                Ok(()) => node.lower.nvme = Some(new),
+                Err(e) => {
+                    tracing::warn!(from = %key, to = %new, error = %e, "cannot rename on NVMe");
+                    node.lower.nvme = None;
+                }
+            }
+        }
+    }
+
+    /// The host copy of a file, promoted from NVMe if it is only there.
+    pub(super) fn host_copy(&self, ino: Ino) -> Result<Arc<HostFile>> {
+        if let Some(f) = self.host.get(ino) {
+            return Ok(f);
+        }
+        let Some(lower) = &self.lower else {
+            return Err(FsError::Stale(ino));
+        };
+        let gate = Arc::clone(lock(&lower.promoting).entry(ino).or_default());
+        let _one = lock(&gate);
+        let res = self.promote(lower, ino);
+        lock(&lower.promoting).remove(&ino);
+        res
+    }
+
+    fn promote(&self, lower: &Lower, ino: Ino) -> Result<Arc<HostFile>> {
+        if let Some(f) = self.host.get(ino) {
+            return Ok(f); // another open promoted it
+        }
+        self.wait_for_flushes();
+        let key = {
+            let mut ns = self.ns();
+            let key = ns.get(ino)?.lower.nvme.clone().ok_or(FsError::Stale(ino))?;
+            self.make_room(&mut ns)?;
+            key
+        };
+        let file = self.host.create(ino)?;
+        let fd = file.fd().map_err(io_err("open backing file"))?;
+        match lower.tier.get_to_fd(&key, fd.as_fd()) {
+            Ok(_) => {
+                if let Ok(path) = lower.tier.path_of(&key)
+                    && let Ok(md) = std::fs::metadata(path)
+                {
+                    let at = |t: std::io::Result<SystemTime>| t.map_or(SetTime::Omit, SetTime::At);
+                    let _ = file.set_times(at(md.accessed()), at(md.modified()));
+                }
+                self.host.remeasure(ino);
+                lock(&lower.lru).promote(&ino);
+                self.metrics.counters.promotions.inc();
+                Ok(file)
+            }
+            Err(e) => {
+                self.host.remove(ino);
+                let mut ns = self.ns();
+                if e.is_missing() {
+                    // A damaged or vanished copy is discarded: a cache miss.
+                    tracing::warn!(key = %key, error = %e, "NVMe copy unusable, file dropped");
+                    if let Ok(node) = ns.get_mut(ino) {
+                        node.lower.nvme = None;
+                    }
+                    lock(&lower.lru).pop(&ino);
+                    self.forget_file(&mut ns, ino);
+                }
+                Err(nvme_err(e))
+            }
+        }
+    }
+
+    /// Attributes of a file that is only on NVMe.
+    pub(super) fn nvme_stat(&self, key: &str) -> Option<std::fs::Metadata> {
+        let lower = self.lower.as_ref()?;
+        std::fs::metadata(lower.tier.path_of(key).ok()?).ok()
+    }
+
+    /// For status: NVMe capacity, used bytes, files held.
+    pub(super) fn nvme_usage(&self) -> Option<(u64, u64, u64, bool)> {
+        let lower = self.lower.as_ref()?;
+        let files = lock(&lower.lru).len() as u64;
+        Some((
+            lower.tier.capacity(),
+            lower.tier.used(),
+            files,
+            lower.tier.o_direct(),
+        ))
+    }
+}
