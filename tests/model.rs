@@ -479,8 +479,30 @@ fn kvfs_matches_the_model() {
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| fastrand::u64(..));
     eprintln!("model test: {cases} cases per data path, KVFS_MODEL_SEED={seed}");
-    for mode in MODES {
-        let m = KvfsMount::with_mode(mode, &["--host-capacity", "1GiB"]);
+    // The third setup keeps a host tier smaller than the files a sequence
+    // makes, so files are written back, demoted and promoted as it runs:
+    // none of that may change what a caller sees.
+    let nvme = tempfile::Builder::new()
+        .prefix("kvfs-model-nvme-")
+        .tempdir_in("/var/tmp")
+        .expect("temp dir on disk");
+    let nvme_dir = nvme.path().to_str().expect("utf-8 path").to_owned();
+    let setups: [(&str, Vec<&str>); 3] = [
+        (
+            MODES[0],
+            vec!["--data-path", MODES[0], "--host-capacity", "1GiB"],
+        ),
+        (
+            MODES[1],
+            vec!["--data-path", MODES[1], "--host-capacity", "1GiB"],
+        ),
+        (
+            "passthrough+nvme",
+            vec!["--host-capacity", "6MiB", "--nvme-dir", &nvme_dir],
+        ),
+    ];
+    for (mode, args) in setups {
+        let m = KvfsMount::start(&args);
         let config = Config {
             cases,
             rng_seed: RngSeed::Fixed(seed),
@@ -501,10 +523,13 @@ fn kvfs_matches_the_model() {
             }
             Ok(())
         });
+        let st = m.status();
         eprintln!(
-            "{mode}: {} operations so far, {} succeeded",
+            "{mode}: {} operations so far, {} succeeded; evictions {}, promotions {}",
             OPS_RUN.load(Ordering::Relaxed),
-            OPS_OK.load(Ordering::Relaxed)
+            OPS_OK.load(Ordering::Relaxed),
+            st["host"]["evictions"],
+            st["counters"]["promotions"],
         );
         if let Ok(path) = std::env::var("KVFS_MODEL_OPS_FILE") {
             let _ = fs::write(path, OPS_RUN.load(Ordering::Relaxed).to_string());

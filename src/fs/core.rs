@@ -369,9 +369,6 @@ impl Kvfs {
             self.host.remeasure(ino);
             // The lower copy no longer matches; a closed file is copied again.
             self.drop_nvme_copy(&mut ns, ino);
-            if ns.get(ino)?.open == 0 {
-                self.queue_flush(ino, false);
-            }
         }
         let node = ns.get_mut(ino)?;
         if let Some(mode) = set.mode {
@@ -567,11 +564,11 @@ impl Kvfs {
             file.set_len(0).map_err(io_err("ftruncate"))?;
             self.host.remeasure(ino);
         }
+        ns.open(ino, writable)?;
         if writable {
             // The contents may change: the lower copy is no longer the file.
             self.drop_nvme_copy(&mut ns, ino);
         }
-        ns.open(ino, writable)?;
         drop(ns);
         self.metrics.counters.opens.inc();
         let fh = self.new_fh(Handle::File {
@@ -750,26 +747,16 @@ impl Kvfs {
         let mut ns = self.ns();
         let src = ns.lookup(parent, name)?;
         let dst = ns.lookup(newparent, newname).ok();
-        let old_path = ns.path_of(src).map(|p| p.to_string_lossy().into_owned());
         let out = ns.rename(parent, name, newparent, newname, mode, SystemTime::now())?;
         if self.lower.is_some() {
-            if mode == RenameMode::Exchange {
-                // Both names change: drop both copies; closed files are
-                // copied again under their new names.
-                for ino in [Some(src), dst].into_iter().flatten() {
-                    self.drop_nvme_copy(&mut ns, ino);
-                    if ns.get(ino).is_ok_and(|n| n.open == 0 && !n.is_dir()) {
-                        self.queue_flush(ino, false);
-                    }
-                }
-            } else {
-                if let Some(old) = out.replaced {
-                    self.drop_nvme_copy(&mut ns, old);
-                }
-                if let Some(old_path) = old_path {
-                    self.follow_rename(&mut ns, src, &old_path);
-                }
+            if let Some(old) = out.replaced {
+                self.drop_nvme_copy(&mut ns, old);
             }
+            let mut moved = vec![src];
+            if mode == RenameMode::Exchange {
+                moved.extend(dst);
+            }
+            self.reconcile_keys(&mut ns, &moved);
         }
         if let Some(old) = out.replaced {
             self.unlinked(&mut ns, old);

@@ -619,9 +619,18 @@ impl Namespace {
         Ok(ino)
     }
 
-    /// Every inode, for bulk updates of lower-tier keys.
-    pub fn files_mut(&mut self) -> impl Iterator<Item = &mut Inode> {
-        self.inodes.values_mut()
+    /// `ino` if it is a file, else every file below the directory `ino`.
+    pub fn files_under(&self, ino: Ino) -> Vec<Ino> {
+        let mut out = Vec::new();
+        let mut stack = vec![ino];
+        while let Some(i) = stack.pop() {
+            match self.inodes.get(&i).map(|n| &n.kind) {
+                Some(NodeKind::Dir { entries }) => stack.extend(entries.values().copied()),
+                Some(NodeKind::File { .. }) => out.push(i),
+                None => {}
+            }
+        }
+        out
     }
 
     /// Path of an inode relative to the root, for logs and status.

@@ -600,10 +600,15 @@ impl HostTier {
         let bytes = file.stat().map_or(0, |st| st.allocated);
         inner.set_bytes(ino, bytes);
         inner.in_use.remove(&ino);
+        // Settling again (e.g. to pin a file whose lower copy was dropped)
+        // must not leave it in the LRU as well.
+        inner.evictable.pop(&ino);
         let mut evicted = Vec::new();
-        if bytes > self.capacity {
+        if bytes > self.capacity && evictable {
             // It can never fit: drop it alone rather than empty the tier for
             // nothing. (Passthrough writes cannot be refused on the way in.)
+            // An unflushed file stays pinned instead, until a lower tier
+            // holds it.
             tracing::warn!(
                 ino,
                 bytes,

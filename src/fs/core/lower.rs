@@ -123,7 +123,7 @@ impl Kvfs {
             .spawn(move || {
                 for job in rx {
                     let Some(core) = core.upgrade() else { break };
-                    let res = core.flush_now(job.ino);
+                    let res = core.flush_now(job.ino, job.done.is_some());
                     if let Err(e) = &res {
                         tracing::warn!(ino = job.ino, error = %e, "write-back to NVMe failed");
                         // The host must be free to drop it, or writers
@@ -174,7 +174,9 @@ impl Kvfs {
     }
 
     /// Copies a file's current contents to NVMe (on the flusher thread).
-    fn flush_now(&self, ino: Ino) -> Result<()> {
+    /// A file still open for writing is copied only for an fsync (`sync`):
+    /// its seal queues it again.
+    fn flush_now(&self, ino: Ino, sync: bool) -> Result<()> {
         let Some(lower) = &self.lower else {
             return Ok(());
         };
@@ -188,8 +190,13 @@ impl Kvfs {
                 return Ok(()); // only on NVMe already, or evicted
             };
             let node = ns.get_mut(ino)?;
-            if !matches!(node.kind, NodeKind::File { .. }) || node.lower.flushing {
-                return Ok(());
+            match node.kind {
+                NodeKind::File { writers, .. } if !node.lower.flushing => {
+                    if writers > 0 && !sync {
+                        return Ok(());
+                    }
+                }
+                _ => return Ok(()),
             }
             if node.lower.nvme.as_deref() == Some(key.as_str()) && node.open == 0 {
                 return Ok(()); // already there
@@ -346,50 +353,85 @@ impl Kvfs {
         }
     }
 
-    /// The NVMe copy of `ino` leaves with its name (unlink, or replaced by a
-    /// rename): remove it.
+    /// The NVMe copy of `ino` no longer matches it (the file is unlinked,
+    /// or its contents are about to change): remove it. A closed file that
+    /// still has its name is pinned in the host tier and copied again.
     pub(super) fn drop_nvme_copy(&self, ns: &mut Namespace, ino: Ino) {
         let Some(lower) = &self.lower else { return };
-        if let Ok(node) = ns.get_mut(ino)
-            && let Some(key) = node.lower.nvme.take()
-        {
-            let _ = lower.tier.remove(&key);
-            lock(&lower.lru).pop(&ino);
+        let Ok(node) = ns.get_mut(ino) else { return };
+        let Some(key) = node.lower.nvme.take() else {
+            return;
+        };
+        let (linked, closed) = (node.nlink > 0, node.open == 0);
+        let _ = lower.tier.remove(&key);
+        lock(&lower.lru).pop(&ino);
+        self.repin(ns, ino, linked && closed);
+    }
+
+    /// A file lost its NVMe copy: if the host still has it, keep it there
+    /// until it is copied again; if not, its bytes are gone (a cache miss).
+    fn repin(&self, ns: &mut Namespace, ino: Ino, requeue: bool) {
+        if self.host.get(ino).is_none() {
+            self.forget_file(ns, ino);
+        } else if requeue {
+            let evicted = self.host.settle(ino, false);
+            self.drop_evicted(ns, &evicted);
+            self.queue_flush(ino, false);
         }
     }
 
-    /// After a namespace rename of `ino` (file or directory) from `old`:
-    /// move its NVMe copies along.
-    pub(super) fn follow_rename(&self, ns: &mut Namespace, ino: Ino, old: &str) {
+    /// After a namespace rename (or exchange) touching `roots`: moves every
+    /// NVMe copy below them to its file's new path. Two phases through
+    /// temporary keys under `.kvfs/` (a name the mount's root cannot hold),
+    /// so swapped names never collide on disk.
+    pub(super) fn reconcile_keys(&self, ns: &mut Namespace, roots: &[Ino]) {
         let Some(lower) = &self.lower else { return };
-        let Some(new) = ns.path_of(ino).map(|p| p.to_string_lossy().into_owned()) else {
-            return;
-        };
-        let is_dir = ns.get(ino).map(|n| n.is_dir()).unwrap_or(false);
-        if is_dir {
-            let exists = lower.tier.path_of(old).map(|p| p.exists()).unwrap_or(false);
-            if exists && let Err(e) = lower.tier.rename(old, &new) {
-                tracing::warn!(from = old, to = %new, error = %e, "cannot rename on NVMe");
-            }
-            let prefix = format!("{old}/");
-            for node in ns.files_mut() {
-                if let Some(key) = &mut node.lower.nvme
-                    && key.starts_with(&prefix)
-                {
-                    *key = format!("{new}/{}", &key[prefix.len()..]);
+        let mut parked = Vec::new();
+        for &root in roots {
+            for ino in ns.files_under(root) {
+                let Ok(node) = ns.get(ino) else { continue };
+                let Some(key) = node.lower.nvme.clone() else {
+                    continue;
+                };
+                let Some(path) = ns.path_of(ino).map(|p| p.to_string_lossy().into_owned()) else {
+                    continue;
+                };
+                if key == path {
+                    continue;
                 }
-            }
-        } else if let Ok(node) = ns.get_mut(ino)
-            && let Some(key) = node.lower.nvme.clone()
-        {
-            match lower.tier.rename(&key, &new) {
-                Ok(()) => node.lower.nvme = Some(new),
-                Err(e) => {
-                    tracing::warn!(from = %key, to = %new, error = %e, "cannot rename on NVMe");
-                    node.lower.nvme = None;
+                let tmp = format!(".kvfs/moving/{ino}");
+                match lower.tier.rename(&key, &tmp) {
+                    Ok(()) => parked.push((ino, tmp, path)),
+                    Err(e) => {
+                        tracing::warn!(from = %key, error = %e, "cannot move an NVMe copy");
+                        self.lose_copy(ns, ino);
+                    }
                 }
             }
         }
+        for (ino, tmp, path) in parked {
+            match lower.tier.rename(&tmp, &path) {
+                Ok(()) => {
+                    if let Ok(node) = ns.get_mut(ino) {
+                        node.lower.nvme = Some(path);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(to = %path, error = %e, "cannot move an NVMe copy");
+                    let _ = lower.tier.remove(&tmp);
+                    self.lose_copy(ns, ino);
+                }
+            }
+        }
+    }
+
+    fn lose_copy(&self, ns: &mut Namespace, ino: Ino) {
+        let Some(lower) = &self.lower else { return };
+        let Ok(node) = ns.get_mut(ino) else { return };
+        node.lower.nvme = None;
+        let closed = node.open == 0;
+        lock(&lower.lru).pop(&ino);
+        self.repin(ns, ino, closed);
     }
 
     /// The host copy of a file, promoted from NVMe if it is only there.
