@@ -469,6 +469,19 @@ impl Inner {
         }
     }
 
+    /// Evicts least recently used files while more than `limit` bytes are
+    /// accounted; returns them.
+    fn evict_above(&mut self, limit: u64) -> Vec<u64> {
+        let mut evicted = Vec::new();
+        while self.accounted > limit {
+            match self.evict_one() {
+                Some(victim) => evicted.push(victim),
+                None => break,
+            }
+        }
+        evicted
+    }
+
     fn evict_one(&mut self) -> Option<u64> {
         let (ino, ()) = self.evictable.pop_lru()?;
         if let Some(e) = self.files.remove(&ino) {
@@ -603,7 +616,6 @@ impl HostTier {
         // Settling again (e.g. to pin a file whose lower copy was dropped)
         // must not leave it in the LRU as well.
         inner.evictable.pop(&ino);
-        let mut evicted = Vec::new();
         if bytes > self.capacity && evictable {
             // It can never fit: drop it alone rather than empty the tier for
             // nothing. (Passthrough writes cannot be refused on the way in.)
@@ -619,8 +631,7 @@ impl HostTier {
                 inner.accounted -= e.bytes;
             }
             drop(inner);
-            self.evictions.fetch_add(1, Ordering::Relaxed);
-            return vec![ino];
+            return self.count_evictions(&[ino]);
         }
         inner.largest = inner.largest.max(bytes);
         if evictable {
@@ -629,17 +640,16 @@ impl HostTier {
             inner.in_use.insert(ino);
         }
         inner.refresh_in_use();
-        while inner.accounted > self.capacity {
-            // The file just sealed is the most recent: it goes last.
-            match inner.evict_one() {
-                Some(victim) => evicted.push(victim),
-                None => break,
-            }
-        }
+        // The file just sealed is the most recent: it goes last.
+        let evicted = inner.evict_above(self.capacity);
         drop(inner);
+        self.count_evictions(&evicted)
+    }
+
+    fn count_evictions(&self, evicted: &[u64]) -> Vec<u64> {
         self.evictions
             .fetch_add(evicted.len() as u64, Ordering::Relaxed);
-        evicted
+        evicted.to_vec()
     }
 
     /// A settled file's bytes now also exist in a lower tier: it may be
@@ -651,17 +661,9 @@ impl HostTier {
             return Vec::new();
         }
         inner.evictable.put(ino, ());
-        let mut evicted = Vec::new();
-        while inner.accounted > self.capacity {
-            match inner.evict_one() {
-                Some(victim) => evicted.push(victim),
-                None => break,
-            }
-        }
+        let evicted = inner.evict_above(self.capacity);
         drop(inner);
-        self.evictions
-            .fetch_add(evicted.len() as u64, Ordering::Relaxed);
-        evicted
+        self.count_evictions(&evicted)
     }
 
     /// True while files that cannot be evicted leave no room for a new one:
@@ -723,17 +725,10 @@ impl HostTier {
                 });
             }
         }
-        let mut evicted = Vec::new();
-        while inner.accounted + bytes > self.capacity {
-            match inner.evict_one() {
-                Some(victim) => evicted.push(victim),
-                None => break,
-            }
-        }
+        let evicted = inner.evict_above(self.capacity.saturating_sub(bytes));
         let used = inner.accounted;
         drop(inner);
-        self.evictions
-            .fetch_add(evicted.len() as u64, Ordering::Relaxed);
+        let evicted = self.count_evictions(&evicted);
         let full = if must_fit {
             used + bytes > self.capacity
         } else {

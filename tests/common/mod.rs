@@ -35,6 +35,22 @@ fn umount(path: &Path, flags: i32) {
     unsafe { libc::umount2(c.as_ptr(), flags) };
 }
 
+/// Starts `kvfs mount MNT ARGS` in the foreground, logging into `dir`.
+fn spawn_daemon(dir: &Path, mnt: &Path, args: &[&str]) -> Child {
+    let log = std::fs::File::create(dir.join("kvfs.log")).expect("log file");
+    Command::new(env!("CARGO_BIN_EXE_kvfs"))
+        .arg("mount")
+        .arg(mnt)
+        .args(args)
+        .env("KVFS_LOG_LEVEL", "debug")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn kvfs")
+}
+
 impl KvfsMount {
     /// Mounts kvfs with `args` (e.g. `["--data-path", "fallback"]`) and
     /// waits until it serves requests.
@@ -49,18 +65,7 @@ impl KvfsMount {
             .expect("temp dir");
         let mnt = dir.path().join("mnt");
         std::fs::create_dir(&mnt).expect("mkdir mountpoint");
-        let log = std::fs::File::create(dir.path().join("kvfs.log")).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_kvfs"))
-            .arg("mount")
-            .arg(&mnt)
-            .args(args)
-            .env("KVFS_LOG_LEVEL", "debug")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn kvfs");
+        let child = spawn_daemon(dir.path(), &mnt, args);
         let mut m = KvfsMount {
             dir,
             mnt,
@@ -111,19 +116,7 @@ impl KvfsMount {
         if let Some(status) = self.stop() {
             assert!(status.success(), "kvfs exited with {status}");
         }
-        let log = std::fs::File::create(self.dir.path().join("kvfs.log")).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_kvfs"))
-            .arg("mount")
-            .arg(&self.mnt)
-            .args(args)
-            .env("KVFS_LOG_LEVEL", "debug")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn kvfs");
-        self.child = Some(child);
+        self.child = Some(spawn_daemon(self.dir.path(), &self.mnt, args));
         self.wait_mounted();
     }
 
