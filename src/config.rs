@@ -59,7 +59,7 @@ pub struct MountArgs {
     #[arg(long, env = "KVFS_LOCK_MEMORY", value_name = "MODE")]
     pub lock_memory: Option<String>,
 
-    /// Directory of the NVMe tier, or "none" (default: none).
+    /// Directory of the NVMe tier, or "none" (default: /var/lib/kvfs/<mount point> as root, else $XDG_CACHE_HOME/kvfs/<mount point>).
     #[arg(long, env = "KVFS_NVME_DIR", value_name = "DIR")]
     pub nvme_dir: Option<String>,
 
@@ -513,7 +513,9 @@ impl Config {
                     Err(ConfigError::NvmeDir { path: p, origin })
                 }
             }
-            None => Ok(None),
+            // The embedded default: a directory of its own per mount point,
+            // created at mount.
+            None => Ok(mountpoint.as_deref().map(default_nvme_dir)),
         };
         let nvme_dir = keep(&mut problems, nvme_dir);
         let nvme_capacity = match (
@@ -732,6 +734,32 @@ fn absolute_log_file(path: &Path, origin: String) -> Result<PathBuf, ConfigError
         path: path.to_path_buf(),
         error,
     })
+}
+
+/// The NVMe tier's embedded default directory for a mount point: under
+/// /var/lib/kvfs as root, else under $XDG_CACHE_HOME/kvfs (~/.cache/kvfs),
+/// named after the mount point ("/mnt/kv" -> "mnt-kv").
+pub fn default_nvme_dir(mountpoint: &Path) -> PathBuf {
+    let name = mountpoint
+        .to_string_lossy()
+        .trim_matches('/')
+        .replace('/', "-");
+    let name = if name.is_empty() {
+        "root".to_string()
+    } else {
+        name
+    };
+    // SAFETY: geteuid cannot fail.
+    let base = if unsafe { libc::geteuid() } == 0 {
+        PathBuf::from("/var/lib/kvfs")
+    } else {
+        std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .unwrap_or_else(std::env::temp_dir)
+            .join("kvfs")
+    };
+    base.join(name)
 }
 
 /// Parses a size such as "8GiB", "512MiB", "1.5G", "4096" or "64k".

@@ -149,7 +149,7 @@ fn a_damaged_copy_is_discarded_never_served() {
     assert_eq!(tier(&m.path("f")), "nvme");
     let res = fs::read(m.path("f"));
     assert!(res.is_err(), "a damaged copy was served");
-    assert_eq!(err_of(fs::metadata(m.path("f"))), libc::ENOENT);
+    assert_eq!(common::gone(&m.path("f")), libc::ENOENT);
     assert!(!copy.exists(), "the damaged copy was kept");
 }
 
@@ -217,7 +217,7 @@ fn nvme_capacity_is_enforced_by_lru() {
     }
     let st = m.status();
     assert!(st["nvme"]["used"].as_u64().unwrap() <= 16 << 20, "{st}");
-    assert_eq!(err_of(fs::metadata(m.path("f0"))), libc::ENOENT);
+    assert_eq!(common::gone(&m.path("f0")), libc::ENOENT);
     let data = fs::read(m.path("f7")).unwrap();
     assert_eq!(check_block(&data, SEED, 7), None);
 }
@@ -243,4 +243,23 @@ fn connector_with_a_host_tier_far_smaller_than_the_data() {
         assert_eq!(report.files, 24);
     }
     assert!(m.status()["counters"]["promotions"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn the_embedded_default_nvme_dir_is_per_mount_point() {
+    let mut m = KvfsMount::start_with_defaults(&[]);
+    let dir = kvfs::config::default_nvme_dir(&m.mnt);
+    // Removed even if an assertion fails.
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(dir.clone());
+    assert!(m.status()["nvme"]["capacity"].as_u64() > Some(0));
+    fs::write(m.path("f"), block(3, 1 << 20)).unwrap();
+    wait_flushed(&m, 1);
+    assert!(dir.join("data/f").is_file(), "no copy in {}", dir.display());
+    m.stop();
 }

@@ -459,8 +459,7 @@ impl Kvfs {
         caller: Caller,
     ) -> Result<(Attr, Opened)> {
         self.check_writable_parent(parent, name)?;
-        self.wait_for_flushes();
-        let mut ns = self.ns();
+        let mut ns = self.ns_with_room()?;
         match ns.lookup(parent, name) {
             Ok(_) if flags & libc::O_EXCL != 0 => return Err(NsError::Exists.into()),
             Ok(ino) => {
@@ -473,7 +472,6 @@ impl Kvfs {
             Err(NsError::NotFound) => {}
             Err(e) => return Err(e.into()),
         }
-        self.make_room(&mut ns)?;
         let owner = Owner {
             uid: caller.uid,
             gid: caller.gid,

@@ -206,6 +206,15 @@ pub fn mount(config: &Config) -> Result<Mounted, MountError> {
     let host = HostTier::new(backing, config.host_capacity, lock, policy);
     let mut core = Kvfs::new(host, me);
     if let Some(dir) = &config.nvme_dir {
+        // The embedded default directory may not exist yet.
+        std::fs::create_dir_all(dir).map_err(|source| MountError::Nvme {
+            dir: dir.clone(),
+            source: crate::store::nvme::NvmeError::Io {
+                op: "create directory",
+                path: dir.clone(),
+                source,
+            },
+        })?;
         let capacity = config.nvme_capacity.unwrap_or_else(|| half_free_space(dir));
         let started = std::time::Instant::now();
         let (tier, recovered) = NvmeTier::open(NvmeConfig {

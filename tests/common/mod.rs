@@ -37,9 +37,20 @@ fn umount(path: &Path, flags: i32) {
 
 /// Starts `kvfs mount MNT ARGS` in the foreground, logging into `dir`.
 fn spawn_daemon(dir: &Path, mnt: &Path, args: &[&str]) -> Child {
+    spawn_daemon_env(dir, mnt, args, true)
+}
+
+fn spawn_daemon_env(dir: &Path, mnt: &Path, args: &[&str], host_only: bool) -> Child {
     let log = std::fs::File::create(dir.join("kvfs.log")).expect("log file");
-    Command::new(env!("CARGO_BIN_EXE_kvfs"))
-        .arg("mount")
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvfs"));
+    if host_only {
+        // Host tier only unless a test asks for NVMe (--nvme-dir wins over
+        // the variable): tests must not share the embedded default directory.
+        cmd.env("KVFS_NVME_DIR", "none");
+    } else {
+        cmd.env_remove("KVFS_NVME_DIR");
+    }
+    cmd.arg("mount")
         .arg(mnt)
         .args(args)
         .env("KVFS_LOG_LEVEL", "debug")
@@ -66,6 +77,24 @@ impl KvfsMount {
         let mnt = dir.path().join("mnt");
         std::fs::create_dir(&mnt).expect("mkdir mountpoint");
         let child = spawn_daemon(dir.path(), &mnt, args);
+        let mut m = KvfsMount {
+            dir,
+            mnt,
+            child: Some(child),
+        };
+        m.wait_mounted();
+        m
+    }
+
+    /// Mounts with every embedded default, the NVMe tier's directory too.
+    pub fn start_with_defaults(args: &[&str]) -> KvfsMount {
+        let dir = tempfile::Builder::new()
+            .prefix("kvfs-test-")
+            .tempdir()
+            .expect("temp dir");
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).expect("mkdir mountpoint");
+        let child = spawn_daemon_env(dir.path(), &mnt, args, false);
         let mut m = KvfsMount {
             dir,
             mnt,
@@ -202,4 +231,16 @@ pub fn renameat2(from: &Path, to: &Path, flags: u32) -> Result<(), i32> {
         )
     };
     if r == 0 { Ok(()) } else { Err(errno()) }
+}
+
+/// Waits (up to 3 s) for a name the daemon removed on its own (an eviction)
+/// to disappear: the kernel hears of it from a notification thread, and a
+/// cached entry may answer for a moment, at most the 1 s entry TTL. Returns
+/// the errno `stat` then fails with.
+pub fn gone(path: &Path) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while std::fs::metadata(path).is_ok() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    err_of(std::fs::metadata(path))
 }

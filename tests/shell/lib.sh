@@ -35,6 +35,9 @@ set -o pipefail
 TEST_NAME=$(basename "$0" .sh)
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 KVFS=${KVFS_BIN:-$REPO_ROOT/target/release/kvfs}
+# Tests run with the host tier only (an --nvme-dir flag still wins): they
+# must not share the embedded default NVMe directory under /var/lib/kvfs.
+export KVFS_NVME_DIR=${KVFS_NVME_DIR:-none}
 T=${KVFS_TEST_TIMEOUT:-60}
 DATA_PATHS=${KVFS_TEST_DATA_PATHS:-"passthrough fallback"}
 
@@ -321,6 +324,9 @@ _cleanup() {
     if [ -n "$TEST_TMP" ] && [ -d "$TEST_TMP" ]; then
         # Never descend into a mount that refused to go.
         rm -rf --one-file-system "$TEST_TMP" 2>/dev/null
+        # Mounts made through the mount helper (which clears KVFS_* variables)
+        # got the embedded default NVMe directory, named after the mount point.
+        rm -rf --one-file-system "/var/lib/kvfs/$(printf '%s' "${TEST_TMP#/}" | tr / -)"-* 2>/dev/null
     fi
     exit $rc
 }

@@ -260,6 +260,28 @@ impl Kvfs {
         }
     }
 
+    /// The namespace lock, with room made for one more file in the host
+    /// tier. With a lower tier, a full tier is waited on (bounded): open
+    /// writers keep growing their files, so a check before taking the lock
+    /// can pass and the room still be gone by the time it is made.
+    pub(super) fn ns_with_room(&self) -> Result<std::sync::MutexGuard<'_, Namespace>> {
+        let deadline = Instant::now() + BACKPRESSURE_LIMIT;
+        loop {
+            self.wait_for_flushes();
+            let mut ns = self.ns();
+            match self.make_room(&mut ns) {
+                Ok(()) => return Ok(ns),
+                Err(FsError::Store(crate::store::StoreError::NoSpace { .. }))
+                    if self.lower.is_some() && Instant::now() < deadline =>
+                {
+                    drop(ns);
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Backpressure: while the host tier is full of files that cannot be
     /// evicted yet (unflushed, or still open), a new file waits for the
     /// flusher, bounded, instead of failing or forcing out unflushed data.
@@ -453,12 +475,9 @@ impl Kvfs {
         if let Some(f) = self.host.get(ino) {
             return Ok(f); // another open promoted it
         }
-        self.wait_for_flushes();
         let key = {
-            let mut ns = self.ns();
-            let key = ns.get(ino)?.lower.nvme.clone().ok_or(FsError::Stale(ino))?;
-            self.make_room(&mut ns)?;
-            key
+            let ns = self.ns_with_room()?;
+            ns.get(ino)?.lower.nvme.clone().ok_or(FsError::Stale(ino))?
         };
         let file = self.host.create(ino)?;
         let fd = file.fd().map_err(io_err("open backing file"))?;
