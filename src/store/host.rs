@@ -29,7 +29,7 @@ use std::time::{Duration, SystemTime};
 
 use lru::LruCache;
 
-use super::StoreError;
+use super::{StoreError, pread_upto, pwrite_all};
 
 /// Smallest room kept ahead of a new writer when nothing bigger was seen yet.
 const MIN_RESERVE: u64 = 1 << 20;
@@ -60,7 +60,7 @@ pub enum SetTime {
 }
 
 impl SetTime {
-    fn timespec(self) -> libc::timespec {
+    pub(crate) fn timespec(self) -> libc::timespec {
         match self {
             SetTime::Omit => libc::timespec {
                 tv_sec: 0,
@@ -267,57 +267,13 @@ impl HostFile {
     /// Reads until `buf` is full or the end of file; returns the bytes read.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         let fd = self.fd()?;
-        let mut done = 0;
-        while done < buf.len() {
-            let rest = &mut buf[done..];
-            // SAFETY: rest is a valid writable buffer of rest.len() bytes.
-            let n = unsafe {
-                libc::pread(
-                    fd.as_raw_fd(),
-                    rest.as_mut_ptr().cast(),
-                    rest.len(),
-                    (offset + done as u64) as libc::off_t,
-                )
-            };
-            match n {
-                0 => break,
-                n if n > 0 => done += n as usize,
-                _ => {
-                    let e = io::Error::last_os_error();
-                    if e.kind() != io::ErrorKind::Interrupted {
-                        return Err(e);
-                    }
-                }
-            }
-        }
-        Ok(done)
+        pread_upto(fd.as_raw_fd(), buf, offset)
     }
 
     /// Writes all of `data` at `offset`.
     pub fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
         let fd = self.fd()?;
-        let mut done = 0;
-        while done < data.len() {
-            let rest = &data[done..];
-            // SAFETY: rest is a valid readable buffer of rest.len() bytes.
-            let n = unsafe {
-                libc::pwrite(
-                    fd.as_raw_fd(),
-                    rest.as_ptr().cast(),
-                    rest.len(),
-                    (offset + done as u64) as libc::off_t,
-                )
-            };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(e);
-                }
-            } else {
-                done += n as usize;
-            }
-        }
-        Ok(())
+        pwrite_all(fd.as_raw_fd(), data, offset)
     }
 
     pub fn set_len(&self, len: u64) -> io::Result<()> {

@@ -36,11 +36,7 @@ fn umount(path: &Path, flags: i32) {
 }
 
 /// Starts `kvfs mount MNT ARGS` in the foreground, logging into `dir`.
-fn spawn_daemon(dir: &Path, mnt: &Path, args: &[&str]) -> Child {
-    spawn_daemon_env(dir, mnt, args, true)
-}
-
-fn spawn_daemon_env(dir: &Path, mnt: &Path, args: &[&str], host_only: bool) -> Child {
+fn spawn_daemon(dir: &Path, mnt: &Path, args: &[&str], host_only: bool) -> Child {
     let log = std::fs::File::create(dir.join("kvfs.log")).expect("log file");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvfs"));
     if host_only {
@@ -66,6 +62,12 @@ impl KvfsMount {
     /// Mounts kvfs with `args` (e.g. `["--data-path", "fallback"]`) and
     /// waits until it serves requests.
     pub fn start(args: &[&str]) -> KvfsMount {
+        KvfsMount::launch(args, true)
+    }
+
+    /// Mounts in a fresh temp dir; `host_only` keeps the NVMe tier off
+    /// unless `args` name one.
+    fn launch(args: &[&str], host_only: bool) -> KvfsMount {
         assert!(
             Path::new("/dev/fuse").exists(),
             "these tests need /dev/fuse (the kernel's FUSE) and root"
@@ -76,7 +78,7 @@ impl KvfsMount {
             .expect("temp dir");
         let mnt = dir.path().join("mnt");
         std::fs::create_dir(&mnt).expect("mkdir mountpoint");
-        let child = spawn_daemon(dir.path(), &mnt, args);
+        let child = spawn_daemon(dir.path(), &mnt, args, host_only);
         let mut m = KvfsMount {
             dir,
             mnt,
@@ -88,20 +90,7 @@ impl KvfsMount {
 
     /// Mounts with every embedded default, the NVMe tier's directory too.
     pub fn start_with_defaults(args: &[&str]) -> KvfsMount {
-        let dir = tempfile::Builder::new()
-            .prefix("kvfs-test-")
-            .tempdir()
-            .expect("temp dir");
-        let mnt = dir.path().join("mnt");
-        std::fs::create_dir(&mnt).expect("mkdir mountpoint");
-        let child = spawn_daemon_env(dir.path(), &mnt, args, false);
-        let mut m = KvfsMount {
-            dir,
-            mnt,
-            child: Some(child),
-        };
-        m.wait_mounted();
-        m
+        KvfsMount::launch(args, false)
     }
 
     pub fn with_mode(mode: &str, extra: &[&str]) -> KvfsMount {
@@ -145,7 +134,7 @@ impl KvfsMount {
         if let Some(status) = self.stop() {
             assert!(status.success(), "kvfs exited with {status}");
         }
-        self.child = Some(spawn_daemon(self.dir.path(), &self.mnt, args));
+        self.child = Some(spawn_daemon(self.dir.path(), &self.mnt, args, true));
         self.wait_mounted();
     }
 

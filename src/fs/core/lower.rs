@@ -62,14 +62,7 @@ fn nvme_err(e: NvmeError) -> FsError {
 fn copy_times(to: &std::path::Path, atime: SystemTime, mtime: SystemTime) {
     let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(to.as_os_str()));
     let Ok(c) = c else { return };
-    let ts = |t: SystemTime| {
-        let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-        libc::timespec {
-            tv_sec: d.as_secs() as libc::time_t,
-            tv_nsec: d.subsec_nanos() as libc::c_long,
-        }
-    };
-    let times = [ts(atime), ts(mtime)];
+    let times = [SetTime::At(atime).timespec(), SetTime::At(mtime).timespec()];
     // SAFETY: valid C string and two timespecs.
     unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0) };
 }
