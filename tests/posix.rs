@@ -300,7 +300,7 @@ fn rename_while_writer_open_is_whole_to_readers() {
         .unwrap();
         assert_eq!(check_block(&data, 1, 2), None);
         drop(w);
-        assert_eq!(xattr(&fin, "user.kvfs.state"), b"sealed");
+        assert_eq!(state_after_close(&fin), b"sealed");
     });
 }
 
@@ -312,6 +312,20 @@ fn xattr(p: &std::path::Path, name: &str) -> Vec<u8> {
     assert!(r >= 0, "getxattr {name}: errno {}", errno());
     buf.truncate(r as usize);
     buf
+}
+
+/// `user.kvfs.state` once the last close has reached the daemon: the
+/// kernel sends RELEASE after close returns, so waits (up to 3 s) while the
+/// file still reads as being written.
+fn state_after_close(p: &std::path::Path) -> Vec<u8> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        let state = xattr(p, "user.kvfs.state");
+        if state != b"writing" || std::time::Instant::now() > deadline {
+            return state;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }
 
 fn setxattr(p: &std::path::Path, name: &str, v: &[u8]) -> i32 {
@@ -327,7 +341,7 @@ fn xattrs_builtin_and_user() {
     let p = m.path("f");
     fs::write(&p, b"abc").unwrap();
     assert_eq!(xattr(&p, "user.kvfs.tier"), b"host");
-    assert_eq!(xattr(&p, "user.kvfs.state"), b"sealed");
+    assert_eq!(state_after_close(&p), b"sealed");
     assert_eq!(setxattr(&p, "user.kvfs.tier", b"s3"), libc::EPERM);
     assert_eq!(setxattr(&p, "trusted.x", b"1"), libc::EOPNOTSUPP);
     assert_eq!(setxattr(&p, "user.note", b"kept"), 0);

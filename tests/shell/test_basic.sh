@@ -110,6 +110,11 @@ basic() { # label [mount args...]
     printf 'some bytes' >&3
     assert_eq writing "$(t getfattr -n user.kvfs.state --only-values "$M/open.bin" 2>/dev/null)" "[$label] state while open for writing"
     exec 3>&-
+    # The kernel sends RELEASE after close returns: wait (up to 3 s) for it.
+    for _ in $(seq 300); do
+        [ "$(t getfattr -n user.kvfs.state --only-values "$M/open.bin" 2>/dev/null)" = writing ] || break
+        sleep 0.01
+    done
     assert_eq sealed "$(t getfattr -n user.kvfs.state --only-values "$M/open.bin" 2>/dev/null)" "[$label] state after close"
     assert_eq "some bytes" "$(t cat "$M/open.bin")" "[$label] content of open.bin"
 
