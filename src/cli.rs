@@ -51,6 +51,9 @@ enum Cmd {
     /// Benchmarks and workload generators.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// The GPU companion client: `check`, `bench`.
+    #[command(subcommand)]
+    Gpu(kvfs::gpu::command::GpuCommand),
 }
 
 #[derive(Subcommand)]
@@ -107,6 +110,13 @@ pub fn main() -> ExitCode {
             phase,
             seed,
         }) => cmd_bench_connector(dir, pattern, files, &file_size, threads, &phase, seed),
+        Cmd::Gpu(cmd) => {
+            kvfs::gpu::command::run(cmd, &mut std::io::stdout()).map_err(|e| match e {
+                // No GPU is a "cannot run here" answer: exit code 2, one line.
+                e if e.is_no_gpu() => UsageError(e.to_string()).into(),
+                e => anyhow::Error::from(e),
+            })
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

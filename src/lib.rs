@@ -6,6 +6,7 @@
 pub mod bench;
 pub mod config;
 pub mod fs;
+pub mod gpu;
 pub mod metrics;
 pub mod namespace;
 pub mod store;

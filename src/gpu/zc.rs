@@ -1,0 +1,290 @@
+//! The zero-copy path's client side: shared-memory mappings of the daemon's
+//! backing files, registered with the CUDA driver so the copy engine DMAs
+//! straight between GPU memory and the file's bytes.
+//!
+//! Stores take slots from [`SlotPrefetcher`], which allocates, maps
+//! (MAP_POPULATE) and registers slots on background threads so that page
+//! faults, zeroing and pinning stay off the I/O threads; retired slots are
+//! unregistered and unmapped on a reaper thread for the same reason. With a
+//! depth of 0 all of that happens on the I/O thread instead, which is how the
+//! bench measures what the pool is worth.
+
+use std::ffi::c_void;
+use std::os::fd::AsRawFd;
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::zerocopy::{Client, Resident, Slot};
+
+use super::GpuError;
+use super::cuda::{Context, Registered};
+
+fn zc_err(what: &str) -> impl FnOnce(crate::zerocopy::ZcError) -> GpuError + '_ {
+    move |e| GpuError::Zerocopy(format!("{what}: {e}"))
+}
+
+/// A `mmap` of a shared-memory fd, unmapped on drop.
+pub struct Mapping {
+    ptr: *mut c_void,
+    len: usize,
+}
+
+// SAFETY: a mapping is plain memory owned by this value.
+unsafe impl Send for Mapping {}
+
+impl Mapping {
+    pub fn new(fd: &impl AsRawFd, len: usize, writable: bool) -> Result<Mapping, GpuError> {
+        if len == 0 {
+            return Err(GpuError::Zerocopy("cannot map an empty file".into()));
+        }
+        let prot = if writable {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        // Populate so the page faults happen here, once, and not inside the
+        // driver's pinning.
+        let flags = libc::MAP_SHARED | libc::MAP_POPULATE;
+        // SAFETY: a fresh mapping of a valid fd; the result is checked.
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, fd.as_raw_fd(), 0) };
+        if ptr == libc::MAP_FAILED {
+            return Err(GpuError::Zerocopy(format!(
+                "mmap of {len} bytes: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        Ok(Mapping { ptr, len })
+    }
+
+    pub fn ptr(&self) -> *mut u8 {
+        self.ptr.cast()
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: mapped in new(), unmapped once.
+        unsafe { libc::munmap(self.ptr, self.len) };
+    }
+}
+
+/// A slot ready for DMA. Field order is drop order: the registration goes
+/// before the mapping it covers.
+pub struct ReadySlot {
+    reg: Option<Registered>,
+    map: Mapping,
+    pub id: u64,
+    /// Time spent allocating, mapping and registering it.
+    pub prepare: Duration,
+}
+
+impl ReadySlot {
+    pub fn ptr(&self) -> *mut u8 {
+        self.map.ptr()
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Drops registration and mapping (what the reaper does).
+    pub fn retire(self) {
+        drop(self.reg);
+        drop(self.map);
+    }
+}
+
+/// Allocates a slot of `size` bytes, maps it read-write and registers it.
+pub fn prepare_slot(client: &Client, ctx: &Arc<Context>, size: u64) -> Result<ReadySlot, GpuError> {
+    let t = Instant::now();
+    let Slot { id, size: got, fd } = client.alloc(size).map_err(zc_err("alloc"))?;
+    let result = (|| {
+        let map = Mapping::new(&fd, got as usize, true)?;
+        // SAFETY: the mapping lives in the same ReadySlot and is dropped after.
+        let reg = unsafe { Registered::new(ctx, map.ptr().cast(), map.len(), false)? };
+        Ok(ReadySlot {
+            reg: Some(reg),
+            map,
+            id,
+            prepare: t.elapsed(),
+        })
+    })();
+    if result.is_err() {
+        let _ = client.abort(id);
+    }
+    result
+}
+
+/// Keeps up to `depth` prepared slots ready, filled by `threads` background
+/// threads, and retires used slots on a reaper thread.
+pub struct SlotPrefetcher {
+    ready: Mutex<Receiver<Result<ReadySlot, GpuError>>>,
+    retired: Mutex<Option<SyncSender<ReadySlot>>>,
+    threads: Vec<JoinHandle<()>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SlotPrefetcher {
+    /// Starts filling at once; `total` caps how many slots are prepared in
+    /// all (the number of blocks to store), so none is left over to abort.
+    pub fn start(
+        client: Arc<Client>,
+        ctx: Arc<Context>,
+        size: u64,
+        depth: usize,
+        threads: usize,
+        total: u64,
+    ) -> SlotPrefetcher {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let (tx, rx) = sync_channel(depth.max(1));
+        let stop = Arc::new(AtomicBool::new(false));
+        let issued = Arc::new(AtomicU64::new(0));
+        let mut handles = Vec::new();
+        for _ in 0..threads.max(1) {
+            let (tx, client, ctx, stop, issued) = (
+                tx.clone(),
+                client.clone(),
+                ctx.clone(),
+                stop.clone(),
+                issued.clone(),
+            );
+            handles.push(std::thread::spawn(move || {
+                if let Err(e) = ctx.bind() {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+                while !stop.load(Ordering::Relaxed)
+                    && issued.fetch_add(1, Ordering::Relaxed) < total
+                {
+                    let slot = prepare_slot(&client, &ctx, size);
+                    if let Err(std::sync::mpsc::SendError(Ok(unused))) = tx.send(slot) {
+                        let _ = client.abort(unused.id);
+                        unused.retire();
+                        return;
+                    }
+                }
+            }));
+        }
+        let (rtx, rrx) = sync_channel::<ReadySlot>(depth.max(1) * 2);
+        let reaper_ctx = ctx.clone();
+        handles.push(std::thread::spawn(move || {
+            let _ = reaper_ctx.bind();
+            for slot in rrx {
+                slot.retire();
+            }
+        }));
+        SlotPrefetcher {
+            ready: Mutex::new(rx),
+            retired: Mutex::new(Some(rtx)),
+            threads: handles,
+            stop,
+        }
+    }
+
+    /// The next ready slot (waits for one).
+    pub fn take(&self) -> Result<ReadySlot, GpuError> {
+        let rx = self.ready.lock().unwrap_or_else(|e| e.into_inner());
+        rx.recv()
+            .map_err(|_| GpuError::Zerocopy("slot prefetch threads stopped".into()))?
+    }
+
+    /// Hands a committed (or aborted) slot to the reaper.
+    pub fn retire(&self, slot: ReadySlot) {
+        let tx = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+        match tx.as_ref() {
+            Some(tx) => {
+                if let Err(std::sync::mpsc::SendError(slot)) = tx.send(slot) {
+                    slot.retire();
+                }
+            }
+            None => slot.retire(),
+        }
+    }
+
+    /// Stops the fillers, aborts what they prepared but nobody took, and
+    /// waits for every thread.
+    pub fn finish(mut self, client: &Client) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        {
+            let rx = self.ready.lock().unwrap_or_else(|e| e.into_inner());
+            // Drain so blocked fillers wake up; their last slot arrives here too.
+            while let Ok(r) = rx.recv_timeout(Duration::from_millis(50)) {
+                if let Ok(slot) = r {
+                    let _ = client.abort(slot.id);
+                    slot.retire();
+                }
+            }
+        }
+        self.retired
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        for h in self.threads.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+/// A resident file mapped read-only and registered for host-to-device DMA.
+/// Field order is drop order: registration, mapping, then the handle is
+/// closed by [`OpenFile::close`].
+pub struct OpenFile {
+    reg: Option<Registered>,
+    map: Mapping,
+    pub handle: u64,
+    pub size: u64,
+    /// Time spent in mmap plus registration.
+    pub prepare: Duration,
+}
+
+impl OpenFile {
+    pub fn open(client: &Client, ctx: &Arc<Context>, path: &str) -> Result<OpenFile, GpuError> {
+        let Resident { handle, size, fd } = client.open(path).map_err(zc_err("open"))?;
+        let t = Instant::now();
+        let result = (|| {
+            let map = Mapping::new(&fd, size as usize, false)?;
+            // SAFETY: the mapping lives in the same OpenFile and is dropped after.
+            let reg = unsafe { Registered::new(ctx, map.ptr().cast(), map.len(), true)? };
+            Ok((reg, map))
+        })();
+        match result {
+            Ok((reg, map)) => Ok(OpenFile {
+                reg: Some(reg),
+                map,
+                handle,
+                size,
+                prepare: t.elapsed(),
+            }),
+            Err(e) => {
+                let _ = client.close(handle);
+                Err(e)
+            }
+        }
+    }
+
+    pub fn ptr(&self) -> *const u8 {
+        self.map.ptr()
+    }
+
+    /// Unregisters, unmaps, then releases the daemon's handle.
+    pub fn close(mut self, client: &Client) -> Result<(), GpuError> {
+        drop(self.reg.take());
+        let handle = self.handle;
+        drop(self);
+        client.close(handle).map_err(zc_err("close"))
+    }
+}
