@@ -10,3 +10,4 @@ pub mod gpu;
 pub mod metrics;
 pub mod namespace;
 pub mod store;
+pub mod zerocopy;
