@@ -67,9 +67,37 @@ pub struct MountArgs {
     #[arg(long, env = "KVFS_NVME_CAPACITY", value_name = "SIZE")]
     pub nvme_capacity: Option<String>,
 
-    /// When fsync returns: memory (at once) or local (once the file is on NVMe) (default: local with an NVMe tier).
+    /// When fsync returns: memory (at once), local (once the file is on NVMe) or remote (once it is in S3) (default: local with an NVMe tier).
     #[arg(long, env = "KVFS_DURABILITY", value_name = "LEVEL")]
     pub durability: Option<String>,
+
+    /// S3 bucket of the S3 tier (default: no S3 tier). Credentials come from the standard AWS chain.
+    #[arg(long, env = "KVFS_S3_BUCKET", value_name = "BUCKET")]
+    pub s3_bucket: Option<String>,
+
+    /// Key prefix in the bucket; nodes mounting the same bucket and prefix share files.
+    #[arg(long, env = "KVFS_S3_PREFIX", value_name = "PREFIX")]
+    pub s3_prefix: Option<String>,
+
+    /// S3 endpoint URL for S3-compatible stores, e.g. http://127.0.0.1:9000 (default: AWS).
+    #[arg(long, env = "KVFS_S3_ENDPOINT", value_name = "URL")]
+    pub s3_endpoint: Option<String>,
+
+    /// S3 region (default: from the AWS config chain, else us-east-1).
+    #[arg(long, env = "KVFS_S3_REGION", value_name = "REGION")]
+    pub s3_region: Option<String>,
+
+    /// Address buckets by path (http://host/bucket/key), as most S3-compatible servers want.
+    #[arg(long, env = "KVFS_S3_PATH_STYLE", value_parser = clap::builder::BoolishValueParser::new())]
+    pub s3_path_style: bool,
+
+    /// Mount even if S3 cannot be reached; the tier reports itself down and catches up later.
+    #[arg(long, env = "KVFS_S3_LAZY", value_parser = clap::builder::BoolishValueParser::new())]
+    pub s3_lazy: bool,
+
+    /// How long an answer from S3 to a lookup is reused, e.g. 1s or 500ms (default: 1s).
+    #[arg(long, env = "KVFS_S3_CACHE_TTL", value_name = "DURATION")]
+    pub s3_cache_ttl: Option<String>,
 
     /// Serve Prometheus metrics over HTTP at this address, e.g. 127.0.0.1:9464 (default: off).
     #[arg(long, env = "KVFS_METRICS_ADDR", value_name = "ADDR")]
@@ -138,6 +166,22 @@ pub enum Durability {
     Memory,
     /// Once the file is on the NVMe tier.
     Local,
+    /// Once the file is in S3.
+    Remote,
+}
+
+/// The S3 tier's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Settings {
+    pub bucket: String,
+    pub prefix: String,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub path_style: bool,
+    /// Mount even if the bucket cannot be reached.
+    pub lazy: bool,
+    /// How long a lookup's answer from S3 is reused.
+    pub cache_ttl: std::time::Duration,
 }
 
 /// How log lines are written.
@@ -190,6 +234,8 @@ pub struct Config {
     /// Its capacity; `None` means half the free space at mount.
     pub nvme_capacity: Option<u64>,
     pub durability: Durability,
+    /// The S3 tier, if configured.
+    pub s3: Option<S3Settings>,
     /// Where to serve Prometheus metrics over HTTP, if anywhere.
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// One of error, warn, info, debug, trace.
@@ -259,8 +305,20 @@ pub enum ConfigError {
     NvmeDir { path: PathBuf, origin: String },
     #[error("NVMe capacity must be greater than 0")]
     ZeroNvmeCapacity,
-    #[error("invalid durability {value:?} for {origin} (expected memory or local)")]
+    #[error("invalid durability {value:?} for {origin} (expected memory, local or remote)")]
     InvalidDurability { value: String, origin: String },
+    #[error("durability remote needs an S3 tier (--s3-bucket)")]
+    RemoteWithoutS3,
+    #[error("S3 setting {origin} given without an S3 bucket (--s3-bucket)")]
+    S3WithoutBucket { origin: String },
+    #[error("invalid S3 bucket name {value:?} for {origin} (3 to 63 of a-z, 0-9, '.', '-')")]
+    InvalidBucket { value: String, origin: String },
+    #[error(
+        "invalid S3 endpoint {value:?} for {origin} (expected http://HOST[:PORT] or https://...)"
+    )]
+    InvalidEndpoint { value: String, origin: String },
+    #[error("invalid duration {value:?} for {origin} (expected e.g. 500ms, 1s, 2m)")]
+    InvalidDuration { value: String, origin: String },
     #[error("invalid log format {value:?} for {origin} (expected text or json)")]
     InvalidLogFormat { value: String, origin: String },
     #[error(
@@ -306,6 +364,13 @@ struct FileConfig {
     nvme_dir: Option<String>,
     nvme_capacity: Option<FileSize>,
     durability: Option<String>,
+    s3_bucket: Option<String>,
+    s3_prefix: Option<String>,
+    s3_endpoint: Option<String>,
+    s3_region: Option<String>,
+    s3_path_style: Option<bool>,
+    s3_lazy: Option<bool>,
+    s3_cache_ttl: Option<String>,
     log_level: Option<String>,
     log_format: Option<String>,
     data_path: Option<String>,
@@ -544,6 +609,7 @@ impl Config {
             Some((s, origin)) => match s.trim().to_ascii_lowercase().as_str() {
                 "memory" => Ok(Some(Durability::Memory)),
                 "local" => Ok(Some(Durability::Local)),
+                "remote" => Ok(Some(Durability::Remote)),
                 _ => Err(ConfigError::InvalidDurability {
                     value: s.to_string(),
                     origin,
@@ -552,6 +618,11 @@ impl Config {
             None => Ok(None),
         };
         let durability = keep(&mut problems, durability);
+        let s3 = resolve_s3(args, &file);
+        let s3 = keep(&mut problems, s3);
+        if let (Some(Some(Durability::Remote)), Some(None)) = (&durability, &s3) {
+            problems.push(ConfigError::RemoteWithoutS3);
+        }
 
         let log_file = match (&args.log_file, &file) {
             (Some(p), _) => absolute_log_file(p, "--log-file".to_string()).map(Some),
@@ -587,6 +658,7 @@ impl Config {
             nvme_dir,
             nvme_capacity,
             durability,
+            s3,
             log_file,
         ) {
             (
@@ -601,6 +673,7 @@ impl Config {
                 Some(nvme_dir),
                 Some(nvme_capacity),
                 Some(durability),
+                Some(s3),
                 Some(log_file),
             ) if problems.is_empty() => Ok(Config {
                 mountpoint,
@@ -617,6 +690,7 @@ impl Config {
                 }),
                 nvme_dir,
                 nvme_capacity,
+                s3,
                 log_level,
                 data_path,
                 daemon: args.daemon,
@@ -626,6 +700,124 @@ impl Config {
             _ => Err(ConfigError::Several(problems)),
         }
     }
+}
+
+/// The S3 settings: `None` without a bucket (and then no other S3 key may
+/// be set).
+fn resolve_s3(
+    args: &MountArgs,
+    file: &Option<LoadedFile>,
+) -> Result<Option<S3Settings>, ConfigError> {
+    let values = file.as_ref().map(|f| &f.values);
+    let bucket = pick(
+        &args.s3_bucket,
+        "--s3-bucket",
+        file,
+        |v| &v.s3_bucket,
+        "s3_bucket",
+    );
+    let prefix = pick(
+        &args.s3_prefix,
+        "--s3-prefix",
+        file,
+        |v| &v.s3_prefix,
+        "s3_prefix",
+    );
+    let endpoint = pick(
+        &args.s3_endpoint,
+        "--s3-endpoint",
+        file,
+        |v| &v.s3_endpoint,
+        "s3_endpoint",
+    );
+    let region = pick(
+        &args.s3_region,
+        "--s3-region",
+        file,
+        |v| &v.s3_region,
+        "s3_region",
+    );
+    let ttl = pick(
+        &args.s3_cache_ttl,
+        "--s3-cache-ttl",
+        file,
+        |v| &v.s3_cache_ttl,
+        "s3_cache_ttl",
+    );
+    let path_style = args.s3_path_style || values.and_then(|v| v.s3_path_style).unwrap_or(false);
+    let lazy = args.s3_lazy || values.and_then(|v| v.s3_lazy).unwrap_or(false);
+    let Some((bucket, origin)) = bucket else {
+        let stray = [
+            prefix.map(|p| p.1),
+            endpoint.map(|p| p.1),
+            region.map(|p| p.1),
+            ttl.map(|p| p.1),
+        ]
+        .into_iter()
+        .flatten()
+        .next();
+        return match stray {
+            Some(origin) => Err(ConfigError::S3WithoutBucket { origin }),
+            None => Ok(None),
+        };
+    };
+    let bucket = bucket.trim();
+    let valid_bucket = (3..=63).contains(&bucket.len())
+        && bucket
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-');
+    if !valid_bucket {
+        return Err(ConfigError::InvalidBucket {
+            value: bucket.to_string(),
+            origin,
+        });
+    }
+    let endpoint = match endpoint {
+        Some((e, origin)) => {
+            let e = e.trim();
+            let ok = (e.starts_with("http://") || e.starts_with("https://"))
+                && e.split("://").nth(1).is_some_and(|h| !h.is_empty());
+            if !ok {
+                return Err(ConfigError::InvalidEndpoint {
+                    value: e.to_string(),
+                    origin,
+                });
+            }
+            Some(e.to_string())
+        }
+        None => None,
+    };
+    let cache_ttl = match ttl {
+        Some((t, origin)) => parse_duration(t).ok_or_else(|| ConfigError::InvalidDuration {
+            value: t.to_string(),
+            origin,
+        })?,
+        None => std::time::Duration::from_secs(1),
+    };
+    Ok(Some(S3Settings {
+        bucket: bucket.to_string(),
+        prefix: prefix.map(|p| p.0.trim().to_string()).unwrap_or_default(),
+        endpoint,
+        region: region.map(|r| r.0.trim().to_string()),
+        path_style,
+        lazy,
+        cache_ttl,
+    }))
+}
+
+/// "500ms", "2s", "1m", or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let ms = match unit.trim() {
+        "ms" => n,
+        "" | "s" => n.checked_mul(1000)?,
+        "m" => n.checked_mul(60_000)?,
+        _ => return None,
+    };
+    Some(std::time::Duration::from_millis(ms))
 }
 
 /// Records a failed check and carries on, so that all problems are reported.

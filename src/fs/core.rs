@@ -15,6 +15,7 @@ use std::time::SystemTime;
 use crate::metrics::Metrics;
 
 mod lower;
+mod remote;
 use crate::namespace::{FileState, Ino, Namespace, NodeKind, NsError, Owner, ROOT_INO, RenameMode};
 use crate::store::host::{FileStat, SetTime};
 use crate::store::{HostFile, HostTier, HostUsage, StoreError};
@@ -144,6 +145,8 @@ struct Status<'a> {
     host: HostUsage,
     #[serde(skip_serializing_if = "Option::is_none")]
     nvme: Option<NvmeUsage>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    s3: Option<remote::S3Usage>,
     counters: crate::metrics::CounterSnapshot,
 }
 
@@ -168,8 +171,16 @@ pub struct Kvfs {
     invalidator: OnceLock<Invalidator>,
     /// The NVMe tier, when configured.
     lower: Option<lower::Lower>,
-    /// fsync waits for the NVMe copy (durability `local`).
+    /// The S3 tier, when configured.
+    remote: Option<remote::Remote>,
+    /// One lock per file being promoted, so concurrent opens copy once.
+    promoting: Mutex<HashMap<Ino, Arc<Mutex<()>>>>,
+    /// Signalled whenever background work makes a file clean: writers
+    /// waiting for room in the host tier wait on it.
+    progress: (Mutex<()>, std::sync::Condvar),
+    /// What fsync waits for (the durability level).
     sync_waits_for_nvme: bool,
+    sync_waits_for_s3: bool,
     pub metrics: Metrics,
 }
 
@@ -197,7 +208,11 @@ impl Kvfs {
             data_mode: Mutex::new(DataMode::Fallback),
             invalidator: OnceLock::new(),
             lower: None,
+            remote: None,
+            promoting: Mutex::new(HashMap::new()),
+            progress: (Mutex::new(()), std::sync::Condvar::new()),
             sync_waits_for_nvme: false,
+            sync_waits_for_s3: false,
             metrics: Metrics::new(),
         }
     }
@@ -207,12 +222,43 @@ impl Kvfs {
         self.sync_waits_for_nvme = wait;
     }
 
+    /// With durability `remote`, fsync returns once the file is in S3.
+    pub fn set_sync_waits_for_s3(&mut self, wait: bool) {
+        self.sync_waits_for_s3 = wait;
+    }
+
     /// fsync/fdatasync of a file.
     pub fn fsync(&self, ino: Ino) -> Result<()> {
-        if self.sync_waits_for_nvme && !Self::is_control(ino) {
-            return self.sync_to_nvme(ino);
+        if Self::is_control(ino) {
+            return Ok(());
+        }
+        if self.sync_waits_for_nvme || (self.sync_waits_for_s3 && self.lower.is_some()) {
+            self.sync_to_nvme(ino)?;
+        }
+        if self.sync_waits_for_s3 {
+            self.sync_to_s3(ino)?;
         }
         Ok(())
+    }
+
+    /// Is there any tier below the host tier?
+    fn has_lower_tiers(&self) -> bool {
+        self.lower.is_some() || self.remote.is_some()
+    }
+
+    /// Wakes writers waiting for room.
+    fn bg_progress(&self) {
+        let _g = lock(&self.progress.0);
+        self.progress.1.notify_all();
+    }
+
+    /// A file was sealed (or re-pinned): copy it down a tier.
+    fn after_seal(&self, ino: Ino) {
+        if self.lower.is_some() {
+            self.queue_flush(ino, false);
+        } else {
+            self.queue_upload(ino, false);
+        }
     }
 
     pub fn set_data_mode(&self, mode: DataMode) {
@@ -296,6 +342,14 @@ impl Kvfs {
             attr.mtime = st.mtime;
             // The namespace changes ctime too (chmod, rename): show the later.
             attr.ctime = st.ctime.max(node.ctime);
+        } else if node.lower.nvme.is_none()
+            && let Some((size, mtime)) = Self::s3_attr(ns, ino)
+        {
+            // Only in S3.
+            attr.size = size;
+            attr.blocks = size.div_ceil(512);
+            attr.mtime = mtime;
+            attr.atime = node.atime.max(mtime);
         } else {
             // Only on NVMe (demoted), or gone (evicted: the kernel retries).
             let key = node.lower.nvme.as_deref().ok_or(FsError::Stale(ino))?;
@@ -324,6 +378,18 @@ impl Kvfs {
                 _ => Err(NsError::NotFound.into()),
             };
         }
+        if self.remote.is_some() {
+            // Asking S3 is slow: not under the namespace lock.
+            let local = ns.lookup(parent, name).ok();
+            drop(ns);
+            match local {
+                Some(ino) => self.revalidate(ino),
+                None => {
+                    self.find_in_s3(parent, name)?;
+                }
+            }
+            ns = self.ns();
+        }
         match ns.lookup(parent, name) {
             Ok(ino) => {
                 let attr = self.attr_of(&ns, ino)?;
@@ -350,7 +416,7 @@ impl Kvfs {
         if Self::is_control(ino) {
             return Err(FsError::ReadOnly("the control directory"));
         }
-        if self.lower.is_some()
+        if self.has_lower_tiers()
             && (set.size.is_some() || set.atime.is_some() || set.mtime.is_some())
             && !self.ns().get(ino)?.is_dir()
         {
@@ -368,7 +434,7 @@ impl Kvfs {
             file.set_len(size).map_err(io_err("ftruncate"))?;
             self.host.remeasure(ino);
             // The lower copy no longer matches; a closed file is copied again.
-            self.drop_nvme_copy(&mut ns, ino);
+            self.drop_lower_copies(&mut ns, ino);
         }
         let node = ns.get_mut(ino)?;
         if let Some(mode) = set.mode {
@@ -404,7 +470,7 @@ impl Kvfs {
                 self.host.touch(ino);
             }
         }
-        if self.lower.is_some() && !is_dir && ns.get(ino)?.open == 0 {
+        if self.has_lower_tiers() && !is_dir && ns.get(ino)?.open == 0 {
             // A promotion for this setattr left the file pinned; settle it.
             let evictable = self.is_clean(&ns, ino);
             let evicted = self.host.settle(ino, evictable);
@@ -537,8 +603,8 @@ impl Kvfs {
         if ino == CONTROL_DIR_INO {
             return Err(NsError::IsDir.into());
         }
-        if self.lower.is_some() && !self.ns().get(ino)?.is_dir() {
-            // Only on NVMe: copy it back (verified) before opening it.
+        if self.has_lower_tiers() && !self.ns().get(ino)?.is_dir() {
+            // Only on NVMe or in S3: copy it back (verified) before opening it.
             self.host_copy(ino)?;
         }
         let mut ns = self.ns();
@@ -565,7 +631,7 @@ impl Kvfs {
         ns.open(ino, writable)?;
         if writable {
             // The contents may change: the lower copy is no longer the file.
-            self.drop_nvme_copy(&mut ns, ino);
+            self.drop_lower_copies(&mut ns, ino);
         }
         drop(ns);
         self.metrics.counters.opens.inc();
@@ -671,7 +737,7 @@ impl Kvfs {
         drop(ns);
         if settled {
             self.host.park(&file);
-            self.queue_flush(ino, false);
+            self.after_seal(ino);
         }
         Ok(())
     }
@@ -679,7 +745,24 @@ impl Kvfs {
     /// May the host tier drop this file's bytes? Without a lower tier,
     /// always (an eviction is a cache miss); with one, once they are there.
     fn is_clean(&self, ns: &Namespace, ino: Ino) -> bool {
-        self.lower.is_none() || ns.get(ino).is_ok_and(|n| n.lower.nvme.is_some())
+        !self.has_lower_tiers()
+            || ns
+                .get(ino)
+                .is_ok_and(|n| n.lower.nvme.is_some() || n.lower.s3.is_some())
+    }
+
+    /// The lower copies of `ino` no longer match it (unlinked, or about to
+    /// change): drop them. A closed file that still has its name stays
+    /// pinned in the host tier and is copied down again.
+    fn drop_lower_copies(&self, ns: &mut Namespace, ino: Ino) {
+        let had_s3 = Self::in_s3(ns, ino);
+        self.drop_s3_copy(ns, ino);
+        if ns.get(ino).is_ok_and(|n| n.lower.nvme.is_some()) {
+            self.drop_nvme_copy(ns, ino);
+        } else if had_s3 && let Ok(node) = ns.get(ino) {
+            let requeue = node.nlink > 0 && node.open == 0;
+            self.repin(ns, ino, requeue);
+        }
     }
 
     /// Room for one more written file, evicting as needed.
@@ -694,8 +777,8 @@ impl Kvfs {
         self.metrics.counters.evictions.inc_by(evicted.len() as u64);
         for &ino in evicted {
             let Ok(node) = ns.get(ino) else { continue };
-            if node.lower.nvme.is_some() || node.lower.flushing {
-                // Demoted: the bytes stay on NVMe (or are on their way).
+            if node.lower.nvme.is_some() || node.lower.flushing || node.lower.s3.is_some() {
+                // Demoted: the bytes stay below (or are on their way).
                 continue;
             }
             let (parent, name) = (node.parent, node.name.clone());
@@ -719,7 +802,7 @@ impl Kvfs {
         self.check_writable_parent(parent, name)?;
         let mut ns = self.ns();
         let ino = ns.unlink(parent, name, SystemTime::now())?;
-        self.drop_nvme_copy(&mut ns, ino);
+        self.drop_lower_copies(&mut ns, ino);
         self.unlinked(&mut ns, ino);
         Ok(())
     }
@@ -746,15 +829,16 @@ impl Kvfs {
         let src = ns.lookup(parent, name)?;
         let dst = ns.lookup(newparent, newname).ok();
         let out = ns.rename(parent, name, newparent, newname, mode, SystemTime::now())?;
-        if self.lower.is_some() {
+        if self.has_lower_tiers() {
             if let Some(old) = out.replaced {
-                self.drop_nvme_copy(&mut ns, old);
+                self.drop_lower_copies(&mut ns, old);
             }
             let mut moved = vec![src];
             if mode == RenameMode::Exchange {
                 moved.extend(dst);
             }
             self.reconcile_keys(&mut ns, &moved);
+            self.reconcile_s3_keys(&mut ns, &moved);
         }
         if let Some(old) = out.replaced {
             self.unlinked(&mut ns, old);
@@ -780,6 +864,9 @@ impl Kvfs {
     }
 
     pub fn opendir(&self, ino: Ino) -> Result<u64> {
+        if ino != CONTROL_DIR_INO {
+            self.merge_s3_listing(ino);
+        }
         // A snapshot per handle keeps offsets stable while the directory
         // changes under a long listing.
         let entries = self.list_dir(ino)?;
@@ -844,6 +931,7 @@ impl Kvfs {
                 let tiers: Vec<&str> = [
                     self.host.get(ino).is_some().then_some("host"),
                     node.lower.nvme.is_some().then_some("nvme"),
+                    node.lower.s3.is_some().then_some("s3"),
                 ]
                 .into_iter()
                 .flatten()
@@ -959,6 +1047,7 @@ impl Kvfs {
                     files,
                     o_direct,
                 }),
+            s3: self.s3_usage(),
             counters: self.metrics.counters.snapshot(),
         };
         let mut out = serde_json::to_vec_pretty(&status).unwrap_or_default();

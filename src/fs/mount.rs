@@ -18,6 +18,7 @@ use crate::config::{Config, DataPath, Durability, LockMemory};
 use crate::store::HostTier;
 use crate::store::host::BackingDir;
 use crate::store::nvme::{NvmeConfig, NvmeTier};
+use crate::store::s3::{S3Config, S3Tier};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
@@ -44,6 +45,9 @@ pub enum MountError {
         #[source]
         source: crate::store::nvme::NvmeError,
     },
+    /// One line naming what is wrong with the S3 settings.
+    #[error("S3 tier: {0}")]
+    S3(#[source] crate::store::s3::S3Error),
     #[error("cannot serve metrics on {addr}")]
     Metrics {
         addr: std::net::SocketAddr,
@@ -236,8 +240,17 @@ pub fn mount(config: &Config) -> Result<Mounted, MountError> {
         core.attach_nvme(tier, recovered);
         core.set_sync_waits_for_nvme(config.durability == Durability::Local);
     }
+    if let Some(s3) = &config.s3 {
+        let tier = open_s3(s3)?;
+        core.attach_s3(tier, s3.cache_ttl);
+        core.set_sync_waits_for_s3(config.durability == Durability::Remote);
+    }
     let core = Arc::new(core);
     core.start_flusher().map_err(|source| MountError::Mount {
+        path: config.mountpoint.clone(),
+        source,
+    })?;
+    core.start_uploader().map_err(|source| MountError::Mount {
         path: config.mountpoint.clone(),
         source,
     })?;
@@ -319,6 +332,27 @@ pub fn mount(config: &Config) -> Result<Mounted, MountError> {
         "mounted"
     );
     Ok(mounted)
+}
+
+/// Builds the S3 client and checks the bucket; with `lazy`, an S3 that
+/// cannot be reached is reported and the mount goes on.
+fn open_s3(s3: &crate::config::S3Settings) -> Result<S3Tier, MountError> {
+    let mut cfg = S3Config::new(&s3.bucket);
+    cfg.prefix = s3.prefix.clone();
+    cfg.endpoint = s3.endpoint.clone();
+    cfg.region = s3.region.clone();
+    cfg.path_style = s3.path_style;
+    let tier = S3Tier::connect(&cfg).map_err(MountError::S3)?;
+    match tier.check() {
+        Ok(()) => {
+            tracing::info!(bucket = %s3.bucket, prefix = %tier.prefix(), "S3 tier reachable");
+        }
+        Err(e) if s3.lazy => {
+            tracing::warn!(error = %e, "S3 tier down at mount (--s3-lazy): mounting without it for now");
+        }
+        Err(e) => return Err(MountError::S3(e)),
+    }
+    Ok(tier)
 }
 
 /// Unmounts a kvfs mount point (any FUSE mount, in fact). With `lazy`, a

@@ -103,6 +103,23 @@ pub struct Lower {
     /// Bumped by every writable open: a copy taken at another version may
     /// be stale.
     pub version: u64,
+    /// The S3 object holding the current contents.
+    pub s3: Option<RemoteCopy>,
+    /// An upload to S3 is under way.
+    pub uploading: bool,
+}
+
+/// A file's object in S3, as this node last saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteCopy {
+    /// Its key below the mount's prefix (the file's path once `settled`).
+    pub key: String,
+    pub size: u64,
+    pub mtime: SystemTime,
+    /// When S3 last confirmed it exists (lookups re-check after a TTL).
+    pub checked: std::time::Instant,
+    /// False while a queued rename has not reached S3 yet.
+    pub settled: bool,
 }
 
 impl Inode {
@@ -591,6 +608,24 @@ impl Namespace {
             };
         }
         Ok(dir)
+    }
+
+    /// Adds a sealed file named `name` in `parent` that exists only in a
+    /// lower tier (found there by a lookup or a listing).
+    pub fn insert_found(
+        &mut self,
+        parent: Ino,
+        name: &OsStr,
+        owner: Owner,
+        mtime: SystemTime,
+    ) -> Result<Ino, NsError> {
+        let ino = self.create_file(parent, name, owner, mtime)?;
+        let node = self.get_mut(ino)?;
+        node.kind = NodeKind::File {
+            state: FileState::Sealed,
+            writers: 0,
+        };
+        Ok(ino)
     }
 
     /// Puts back a sealed file found in a lower tier at mount time.

@@ -10,6 +10,7 @@ use std::os::fd::RawFd;
 
 pub mod host;
 pub mod nvme;
+pub mod s3;
 
 pub use host::{HostFile, HostTier, HostUsage};
 

@@ -7,7 +7,6 @@
 //! namespace. Every NVMe rename or removal that follows a namespace change
 //! is made under the namespace lock; the long copies are not.
 
-use std::collections::HashMap;
 use std::os::fd::AsFd;
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, Weak};
@@ -33,8 +32,6 @@ pub(super) struct Lower {
     queue: Mutex<Option<mpsc::Sender<FlushJob>>>,
     /// NVMe copies, least recently used first, for the tier's capacity.
     lru: Mutex<LruCache<Ino, ()>>,
-    /// One lock per file being promoted, so concurrent opens copy once.
-    promoting: Mutex<HashMap<Ino, Arc<Mutex<()>>>>,
     /// Flushes queued and not finished, and a signal when one finishes:
     /// writers wait on it when the host tier is full of unflushed files.
     pending: Mutex<u64>,
@@ -96,7 +93,6 @@ impl Kvfs {
             tier,
             queue: Mutex::new(None),
             lru: Mutex::new(lru),
-            promoting: Mutex::new(HashMap::new()),
             pending: Mutex::new(0),
             progress: Condvar::new(),
         });
@@ -119,15 +115,26 @@ impl Kvfs {
                     let res = core.flush_now(job.ino, job.done.is_some());
                     if let Err(e) = &res {
                         tracing::warn!(ino = job.ino, error = %e, "write-back to NVMe failed");
-                        // The host must be free to drop it, or writers
-                        // waiting for room would wait for nothing.
-                        core.release_to_host_lru(job.ino);
+                        if core.remote.is_some()
+                            && matches!(e, FsError::Store(crate::store::StoreError::NoSpace { .. }))
+                        {
+                            // NVMe is full of files not yet in S3 (an
+                            // outage): keep it pinned and try again once
+                            // uploads make room; writers meanwhile wait.
+                            std::thread::sleep(Duration::from_millis(200));
+                            core.queue_flush(job.ino, false);
+                        } else {
+                            // The host must be free to drop it, or writers
+                            // waiting for room would wait for nothing.
+                            core.release_to_host_lru(job.ino);
+                        }
                     }
                     if let Some(lower) = &core.lower {
                         let mut pending = lock(&lower.pending);
                         *pending = pending.saturating_sub(1);
                         lower.progress.notify_all();
                     }
+                    core.bg_progress();
                     if let Some(done) = job.done {
                         let _ = done.send(res);
                     }
@@ -241,6 +248,8 @@ impl Kvfs {
             let evicted = self.host.make_evictable(ino);
             self.drop_evicted(&mut ns, &evicted);
         }
+        drop(ns);
+        self.queue_upload(ino, false);
         Ok(())
     }
 
@@ -265,7 +274,7 @@ impl Kvfs {
             match self.make_room(&mut ns) {
                 Ok(()) => return Ok(ns),
                 Err(FsError::Store(crate::store::StoreError::NoSpace { .. }))
-                    if self.lower.is_some() && Instant::now() < deadline =>
+                    if self.has_lower_tiers() && Instant::now() < deadline =>
                 {
                     drop(ns);
                     std::thread::sleep(Duration::from_millis(10));
@@ -282,13 +291,13 @@ impl Kvfs {
     /// asynchronously, so the previous file of the same writer may not even
     /// be queued yet when its next create arrives.
     pub(super) fn wait_for_flushes(&self) {
-        let Some(lower) = &self.lower else { return };
+        if !self.has_lower_tiers() {
+            return;
+        }
         let deadline = Instant::now() + BACKPRESSURE_LIMIT;
         while self.host.is_jammed() && Instant::now() < deadline {
-            let pending = lock(&lower.pending);
-            let _ = lower
-                .progress
-                .wait_timeout(pending, Duration::from_millis(20));
+            let g = lock(&self.progress.0);
+            let _ = self.progress.1.wait_timeout(g, Duration::from_millis(20));
         }
     }
 
@@ -322,17 +331,13 @@ impl Kvfs {
             return false;
         };
         let mut ns = self.ns();
-        loop {
+        // Each copy is looked at once at most; skipped ones go to the back.
+        let mut tries = lock(&lower.lru).len();
+        while tries > 0 {
+            tries -= 1;
             let victim = {
                 let mut lru = lock(&lower.lru);
                 match lru.pop_lru() {
-                    Some((ino, ())) if ino == keep => {
-                        lru.put(ino, ());
-                        if lru.len() == 1 {
-                            return false;
-                        }
-                        continue;
-                    }
                     Some((ino, ())) => ino,
                     None => return false,
                 }
@@ -340,16 +345,26 @@ impl Kvfs {
             let Ok(node) = ns.get_mut(victim) else {
                 continue;
             };
+            // With an S3 tier, a copy leaves NVMe only once it is in S3:
+            // the file then stays, S3-only. Without one it is a cache miss.
+            let waiting_for_s3 = self.remote.is_some() && node.lower.s3.is_none();
+            if victim == keep || waiting_for_s3 || node.lower.uploading {
+                if node.lower.nvme.is_some() {
+                    lock(&lower.lru).put(victim, ());
+                }
+                continue;
+            }
             let Some(key) = node.lower.nvme.take() else {
                 continue;
             };
             let _ = lower.tier.remove(&key);
             self.metrics.counters.evictions.inc();
-            if self.host.get(victim).is_none() {
+            if self.host.get(victim).is_none() && node.lower.s3.is_none() {
                 self.forget_file(&mut ns, victim);
             }
             return true;
         }
+        false
     }
 
     /// Removes a file whose bytes are gone from every tier from the
@@ -385,13 +400,16 @@ impl Kvfs {
 
     /// A file lost its NVMe copy: if the host still has it, keep it there
     /// until it is copied again; if not, its bytes are gone (a cache miss).
-    fn repin(&self, ns: &mut Namespace, ino: Ino, requeue: bool) {
+    pub(super) fn repin(&self, ns: &mut Namespace, ino: Ino, requeue: bool) {
+        let in_s3 = ns.get(ino).is_ok_and(|n| n.lower.s3.is_some());
         if self.host.get(ino).is_none() {
-            self.forget_file(ns, ino);
+            if !in_s3 {
+                self.forget_file(ns, ino);
+            }
         } else if requeue {
-            let evicted = self.host.settle(ino, false);
+            let evicted = self.host.settle(ino, in_s3);
             self.drop_evicted(ns, &evicted);
-            self.queue_flush(ino, false);
+            self.after_seal(ino);
         }
     }
 
@@ -454,13 +472,15 @@ impl Kvfs {
         if let Some(f) = self.host.get(ino) {
             return Ok(f);
         }
-        let Some(lower) = &self.lower else {
-            return Err(FsError::Stale(ino));
-        };
-        let gate = Arc::clone(lock(&lower.promoting).entry(ino).or_default());
+        let gate = Arc::clone(lock(&self.promoting).entry(ino).or_default());
         let _one = lock(&gate);
-        let res = self.promote(lower, ino);
-        lock(&lower.promoting).remove(&ino);
+        let on_nvme = self.ns().get(ino)?.lower.nvme.is_some();
+        let res = match &self.lower {
+            _ if self.host.get(ino).is_some() => self.host.get(ino).ok_or(FsError::Stale(ino)),
+            Some(lower) if on_nvme => self.promote(lower, ino),
+            _ => self.promote_from_s3(ino),
+        };
+        lock(&self.promoting).remove(&ino);
         res
     }
 
@@ -493,15 +513,26 @@ impl Kvfs {
                 if e.is_missing() {
                     // A damaged or vanished copy is discarded: a cache miss.
                     tracing::warn!(key = %key, error = %e, "NVMe copy unusable, file dropped");
+                    let mut in_s3 = false;
                     if let Ok(node) = ns.get_mut(ino) {
                         node.lower.nvme = None;
+                        in_s3 = node.lower.s3.is_some();
                     }
                     lock(&lower.lru).pop(&ino);
+                    if in_s3 {
+                        drop(ns);
+                        return self.promote_from_s3(ino);
+                    }
                     self.forget_file(&mut ns, ino);
                 }
                 Err(nvme_err(e))
             }
         }
+    }
+
+    /// Where the NVMe copy under `key` is on disk.
+    pub(super) fn nvme_path(&self, key: &str) -> Option<std::path::PathBuf> {
+        self.lower.as_ref()?.tier.path_of(key).ok()
     }
 
     /// Attributes of a file that is only on NVMe.

@@ -1,0 +1,692 @@
+//! The core's side of the S3 tier: uploading sealed files (after their NVMe
+//! copy, when there is an NVMe tier), applying unlinks and renames to the
+//! bucket, finding names that only S3 has (lookup and readdir), fetching
+//! S3-only files on open, and riding out outages.
+//!
+//! One uploader thread runs the bucket's jobs in order: an unlink or rename
+//! queued after an upload of the same key must reach S3 after it, or a
+//! deleted name could come back. A job that fails because S3 does not
+//! answer stays at the head of the queue and is retried with exponential
+//! backoff; nothing queued is dropped, and local reads and writes go on.
+
+use std::collections::{HashMap, VecDeque};
+use std::ffi::{OsStr, OsString};
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::{Duration, Instant, SystemTime};
+
+use super::{FsError, Kvfs, Result, io_err, lock};
+use crate::namespace::{Ino, Namespace, NodeKind, NsError, Owner, RemoteCopy};
+use crate::store::host::SetTime;
+use crate::store::s3::{Found, ObjectInfo, S3Error, S3Tier};
+
+/// Work for the uploader, in order.
+enum Job {
+    /// Copy a sealed file's current contents to S3 (`done` hears the end,
+    /// for fsync with durability `remote`). `adopt`: a file recovered from
+    /// NVMe whose object may already be there.
+    Upload {
+        ino: Ino,
+        adopt: bool,
+        done: Option<mpsc::Sender<Result<()>>>,
+    },
+    Delete {
+        key: String,
+    },
+    Move {
+        ino: Ino,
+        from: String,
+        to: String,
+    },
+}
+
+/// The S3 tier as the core uses it.
+pub(super) struct Remote {
+    pub(super) tier: S3Tier,
+    jobs: Mutex<VecDeque<Job>>,
+    wake: Condvar,
+    stopped: std::sync::atomic::AtomicBool,
+    /// Names S3 was asked about and does not have, until when to believe it.
+    negative: Mutex<HashMap<(Ino, OsString), Instant>>,
+    /// How long a lookup's answer from S3 is trusted.
+    ttl: Duration,
+    uploaded: AtomicU64,
+    /// Bytes of the files waiting for upload (status: the backlog).
+    backlog_bytes: AtomicU64,
+    /// Tells this node's temporary keys from another node's.
+    node: u64,
+}
+
+/// Backoff of a job S3 did not answer.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+fn s3_err(e: S3Error) -> FsError {
+    match e {
+        e if e.is_not_found() => FsError::Namespace(NsError::NotFound),
+        e => FsError::Io {
+            op: "s3",
+            source: std::io::Error::other(e.to_string()),
+        },
+    }
+}
+
+/// For status.
+#[derive(serde::Serialize)]
+pub(super) struct S3Usage {
+    bucket: String,
+    prefix: String,
+    healthy: bool,
+    backlog_jobs: u64,
+    backlog_bytes: u64,
+    uploaded_files: u64,
+    put_bytes: u64,
+    get_bytes: u64,
+    requests: u64,
+    errors: u64,
+}
+
+impl Kvfs {
+    /// Adds the S3 tier; `ttl` bounds how long a lookup's answer is reused.
+    pub fn attach_s3(&mut self, tier: S3Tier, ttl: Duration) {
+        self.remote = Some(Remote {
+            tier,
+            jobs: Mutex::new(VecDeque::new()),
+            wake: Condvar::new(),
+            stopped: false.into(),
+            negative: Mutex::new(HashMap::new()),
+            ttl,
+            uploaded: AtomicU64::new(0),
+            backlog_bytes: AtomicU64::new(0),
+            node: fastrand::u64(..),
+        });
+        // Files recovered from NVMe may or may not be in S3 already.
+        let files: Vec<Ino> = {
+            let ns = self.ns.get_mut().unwrap_or_else(|p| p.into_inner());
+            ns.files_under(crate::namespace::ROOT_INO)
+        };
+        for ino in files {
+            self.push_job(Job::Upload {
+                ino,
+                adopt: true,
+                done: None,
+            });
+        }
+    }
+
+    /// Starts the uploader thread; it holds the core weakly.
+    pub fn start_uploader(self: &Arc<Self>) -> std::io::Result<()> {
+        if self.remote.is_none() {
+            return Ok(());
+        }
+        let core: Weak<Kvfs> = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("kvfs-upload".into())
+            .spawn(move || upload_loop(core))?;
+        Ok(())
+    }
+
+    pub fn stop_uploader(&self) {
+        if let Some(remote) = &self.remote {
+            remote.stopped.store(true, Ordering::Relaxed);
+            remote.wake.notify_all();
+        }
+    }
+
+    fn push_job(&self, job: Job) {
+        let Some(remote) = &self.remote else { return };
+        lock(&remote.jobs).push_back(job);
+        remote.wake.notify_all();
+    }
+
+    /// Queues the upload of a sealed file; with `wait`, returns a receiver
+    /// for its outcome.
+    pub(super) fn queue_upload(&self, ino: Ino, wait: bool) -> Option<mpsc::Receiver<Result<()>>> {
+        self.remote.as_ref()?;
+        let (done, rx) = if wait {
+            let (tx, rx) = mpsc::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        self.push_job(Job::Upload {
+            ino,
+            adopt: false,
+            done,
+        });
+        rx
+    }
+
+    /// fsync with durability `remote`: returns once the file is in S3.
+    pub(super) fn sync_to_s3(&self, ino: Ino) -> Result<()> {
+        match self.queue_upload(ino, true) {
+            Some(rx) => rx.recv().unwrap_or(Ok(())),
+            None => Ok(()),
+        }
+    }
+
+    /// The S3 copy of `ino` no longer matches it (unlinked, or about to
+    /// change): delete the object, after anything queued before.
+    pub(super) fn drop_s3_copy(&self, ns: &mut Namespace, ino: Ino) {
+        let Some(remote) = &self.remote else { return };
+        let Ok(node) = ns.get_mut(ino) else { return };
+        let Some(copy) = node.lower.s3.take() else {
+            return;
+        };
+        let _ = remote;
+        self.push_job(Job::Delete { key: copy.key });
+    }
+
+    /// After a rename touching `roots` (and the namespace already changed):
+    /// queue the moves of their objects. An exchange goes through
+    /// temporary keys, so the two names never overwrite each other.
+    pub(super) fn reconcile_s3_keys(&self, ns: &mut Namespace, roots: &[Ino]) {
+        let Some(remote) = &self.remote else { return };
+        let mut moves = Vec::new();
+        for &root in roots {
+            for ino in ns.files_under(root) {
+                let Some(path) = ns.path_of(ino).map(|p| p.to_string_lossy().into_owned()) else {
+                    continue;
+                };
+                let Ok(node) = ns.get_mut(ino) else { continue };
+                let Some(copy) = node.lower.s3.as_mut() else {
+                    continue;
+                };
+                if copy.key == path {
+                    continue;
+                }
+                let from = std::mem::replace(&mut copy.key, path.clone());
+                copy.settled = false;
+                moves.push((ino, from, path));
+            }
+        }
+        if roots.len() > 1 {
+            for (ino, from, _) in &mut moves {
+                let tmp = format!(".kvfs/moving/{:016x}-{ino}", remote.node);
+                self.push_job(Job::Move {
+                    ino: *ino,
+                    from: std::mem::replace(from, tmp.clone()),
+                    to: tmp,
+                });
+            }
+        }
+        for (ino, from, to) in moves {
+            self.push_job(Job::Move { ino, from, to });
+        }
+    }
+
+    /// Is `ino`'s current content in S3?
+    pub(super) fn in_s3(ns: &Namespace, ino: Ino) -> bool {
+        ns.get(ino).is_ok_and(|n| n.lower.s3.is_some())
+    }
+
+    /// A name the namespace does not have: ask S3 (unless it said no
+    /// within the TTL). Called without the namespace lock.
+    pub(super) fn find_in_s3(&self, parent: Ino, name: &OsStr) -> Result<Option<Ino>> {
+        let Some(remote) = &self.remote else {
+            return Ok(None);
+        };
+        let cache_key = (parent, name.to_owned());
+        if let Some(until) = lock(&remote.negative).get(&cache_key)
+            && Instant::now() < *until
+        {
+            return Ok(None);
+        }
+        let Some(dir) = self.ns().path_of(parent) else {
+            return Ok(None);
+        };
+        let key = dir.join(name).to_string_lossy().into_owned();
+        if key.starts_with(".kvfs") {
+            return Ok(None);
+        }
+        // An outage is a miss: the connector recomputes; nothing is lost.
+        let found = match remote.tier.lookup(&key) {
+            Ok(Some(Found::File(info))) => Some(Ok(info)),
+            Ok(Some(Found::Dir)) => Some(Err(())),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::debug!(key = %key, error = %e, "s3 lookup failed");
+                None
+            }
+        };
+        let mut ns = self.ns();
+        if let Ok(ino) = ns.lookup(parent, name) {
+            return Ok(Some(ino)); // created here meanwhile
+        }
+        let owner = self.found_owner(&ns);
+        match found {
+            None => {
+                let mut neg = lock(&remote.negative);
+                if neg.len() > 100_000 {
+                    let now = Instant::now();
+                    neg.retain(|_, until| *until > now);
+                }
+                neg.insert(cache_key, Instant::now() + remote.ttl);
+                Ok(None)
+            }
+            Some(Err(())) => {
+                let dir_owner = Owner {
+                    perm: 0o755,
+                    ..owner
+                };
+                Ok(Some(ns.mkdir(
+                    parent,
+                    name,
+                    dir_owner,
+                    SystemTime::now(),
+                )?))
+            }
+            Some(Ok(info)) => Ok(Some(self.insert_remote(&mut ns, parent, name, &key, info)?)),
+        }
+    }
+
+    fn found_owner(&self, ns: &Namespace) -> Owner {
+        let root = ns.get(crate::namespace::ROOT_INO);
+        Owner {
+            uid: root.map(|r| r.uid).unwrap_or(0),
+            gid: root.map(|r| r.gid).unwrap_or(0),
+            perm: 0o644,
+        }
+    }
+
+    fn insert_remote(
+        &self,
+        ns: &mut Namespace,
+        parent: Ino,
+        name: &OsStr,
+        key: &str,
+        info: ObjectInfo,
+    ) -> Result<Ino> {
+        let owner = self.found_owner(ns);
+        let ino = ns.insert_found(parent, name, owner, info.mtime)?;
+        ns.get_mut(ino)?.lower.s3 = Some(RemoteCopy {
+            key: key.to_string(),
+            size: info.size,
+            mtime: info.mtime,
+            checked: Instant::now(),
+            settled: true,
+        });
+        Ok(ino)
+    }
+
+    /// A file whose object S3 confirmed more than a TTL ago: ask again, so
+    /// an unlink on another node shows here. Only a clear "no such object"
+    /// drops it; an outage keeps it. Called without the namespace lock.
+    pub(super) fn revalidate(&self, ino: Ino) {
+        let Some(remote) = &self.remote else { return };
+        let key = {
+            let ns = self.ns();
+            let Ok(node) = ns.get(ino) else { return };
+            match (&node.lower.s3, &node.kind) {
+                (Some(c), NodeKind::File { writers: 0, .. })
+                    if c.settled && c.checked.elapsed() >= remote.ttl && !node.lower.uploading =>
+                {
+                    c.key.clone()
+                }
+                _ => return,
+            }
+        };
+        let gone = matches!(remote.tier.head(&key), Ok(None));
+        let mut ns = self.ns();
+        let Ok(node) = ns.get_mut(ino) else { return };
+        let Some(copy) = node.lower.s3.as_mut() else {
+            return;
+        };
+        if copy.key != key || !copy.settled {
+            return; // renamed meanwhile
+        }
+        if !gone {
+            copy.checked = Instant::now();
+            return;
+        }
+        tracing::debug!(ino, key = %key, "object deleted elsewhere; dropping the file");
+        node.lower.s3 = None;
+        if node.open == 0 {
+            self.drop_nvme_copy(&mut ns, ino);
+            self.host.remove(ino);
+            self.forget_file(&mut ns, ino);
+        }
+    }
+
+    /// readdir: adds what S3 has below directory `dir` and the namespace
+    /// does not. An outage lists the local entries only.
+    pub(super) fn merge_s3_listing(&self, dir: Ino) {
+        let Some(remote) = &self.remote else { return };
+        let Some(path) = self.ns().path_of(dir) else {
+            return;
+        };
+        let path = path.to_string_lossy().into_owned();
+        let listing = match remote.tier.list(&path) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::debug!(dir = %path, error = %e, "s3 listing failed; local entries only");
+                return;
+            }
+        };
+        let mut ns = self.ns();
+        let owner = self.found_owner(&ns);
+        let is_root = dir == crate::namespace::ROOT_INO;
+        for name in listing.dirs {
+            if is_root && name == super::CONTROL_DIR {
+                continue;
+            }
+            if ns.lookup(dir, name.as_ref()).is_err() {
+                let dir_owner = Owner {
+                    perm: 0o755,
+                    ..owner
+                };
+                let _ = ns.mkdir(dir, name.as_ref(), dir_owner, SystemTime::now());
+            }
+        }
+        for (name, info) in listing.files {
+            if ns.lookup(dir, name.as_ref()).is_err() {
+                let key = if path.is_empty() {
+                    name.clone()
+                } else {
+                    format!("{path}/{name}")
+                };
+                let _ = self.insert_remote(&mut ns, dir, name.as_ref(), &key, info);
+            }
+        }
+    }
+
+    /// Attributes of a file that is only in S3: (size, mtime).
+    pub(super) fn s3_attr(ns: &Namespace, ino: Ino) -> Option<(u64, SystemTime)> {
+        let copy = ns.get(ino).ok()?.lower.s3.as_ref()?;
+        Some((copy.size, copy.mtime))
+    }
+
+    /// Fetches an S3-only file into the host tier (called under the
+    /// file's promotion gate). A missing or damaged object is a cache miss.
+    pub(super) fn promote_from_s3(&self, ino: Ino) -> Result<Arc<crate::store::HostFile>> {
+        let remote = self.remote.as_ref().ok_or(FsError::Stale(ino))?;
+        // A queued rename must reach S3 before the object is at its key.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let copy = loop {
+            let ns = self.ns_with_room()?;
+            let copy = ns.get(ino)?.lower.s3.clone().ok_or(FsError::Stale(ino))?;
+            if copy.settled || Instant::now() > deadline {
+                break copy;
+            }
+            drop(ns);
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let file = self.host.create(ino)?;
+        let fd = file.fd().map_err(io_err("open backing file"))?;
+        match remote.tier.get_to_fd(&copy.key, fd.as_fd()) {
+            Ok(_) => {
+                let _ = file.set_times(SetTime::Omit, SetTime::At(copy.mtime));
+                self.host.remeasure(ino);
+                self.metrics.counters.promotions.inc();
+                // Keep a local copy too, by policy.
+                self.queue_flush(ino, false);
+                Ok(file)
+            }
+            Err(e) => {
+                self.host.remove(ino);
+                if e.is_missing() {
+                    tracing::warn!(key = %copy.key, error = %e, "S3 copy unusable, file dropped");
+                    let mut ns = self.ns();
+                    if let Ok(node) = ns.get_mut(ino) {
+                        node.lower.s3 = None;
+                    }
+                    self.forget_file(&mut ns, ino);
+                }
+                Err(s3_err(e))
+            }
+        }
+    }
+
+    pub(super) fn s3_usage(&self) -> Option<S3Usage> {
+        let remote = self.remote.as_ref()?;
+        let c = &remote.tier.counters;
+        Some(S3Usage {
+            bucket: remote.tier.bucket().to_string(),
+            prefix: remote.tier.prefix().to_string(),
+            healthy: remote.tier.healthy(),
+            backlog_jobs: lock(&remote.jobs).len() as u64,
+            backlog_bytes: remote.backlog_bytes.load(Ordering::Relaxed),
+            uploaded_files: remote.uploaded.load(Ordering::Relaxed),
+            put_bytes: c.put_bytes.load(Ordering::Relaxed),
+            get_bytes: c.get_bytes.load(Ordering::Relaxed),
+            requests: c.requests.load(Ordering::Relaxed),
+            errors: c.errors.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Runs one job; `Err` with a transient error means "try again later".
+    fn run_job(&self, job: &mut Job) -> std::result::Result<(), S3Error> {
+        match job {
+            Job::Delete { key } => self.remote_tier()?.delete(key),
+            Job::Move { ino, from, to } => {
+                let res = self.remote_tier()?.rename(from, to);
+                if let Err(e) = &res
+                    && !e.is_missing()
+                {
+                    return res;
+                }
+                let mut ns = self.ns();
+                if let Ok(node) = ns.get_mut(*ino)
+                    && let Some(copy) = node.lower.s3.as_mut()
+                    && copy.key == *to
+                {
+                    if res.is_ok() {
+                        copy.settled = true;
+                        copy.checked = Instant::now();
+                    } else {
+                        // The source vanished (deleted elsewhere).
+                        node.lower.s3 = None;
+                        self.repin_after_remote_loss(&mut ns, *ino);
+                    }
+                }
+                Ok(())
+            }
+            Job::Upload { ino, adopt, .. } => self.upload(*ino, *adopt),
+        }
+    }
+
+    fn remote_tier(&self) -> std::result::Result<&S3Tier, S3Error> {
+        self.remote
+            .as_ref()
+            .map(|r| &r.tier)
+            .ok_or_else(|| S3Error::Settings("no s3 tier".into()))
+    }
+
+    /// A file lost its S3 copy (not by this node's doing): if no local tier
+    /// has it, it is gone.
+    fn repin_after_remote_loss(&self, ns: &mut Namespace, ino: Ino) {
+        let local =
+            self.host.get(ino).is_some() || ns.get(ino).is_ok_and(|n| n.lower.nvme.is_some());
+        if !local {
+            self.forget_file(ns, ino);
+        }
+    }
+
+    /// Uploads a file's current contents, from the host copy if there is
+    /// one, else from NVMe.
+    fn upload(&self, ino: Ino, adopt: bool) -> std::result::Result<(), S3Error> {
+        let tier = self.remote_tier()?;
+        // Under the lock: what to send, and mark it in flight.
+        enum Source {
+            Host(Arc<crate::store::HostFile>),
+            Nvme(std::path::PathBuf),
+        }
+        let (key, version, source) = {
+            let mut ns = self.ns();
+            let Some(key) = ns.path_of(ino).map(|p| p.to_string_lossy().into_owned()) else {
+                return Ok(()); // unlinked meanwhile
+            };
+            let nvme_path = ns
+                .get(ino)
+                .ok()
+                .and_then(|n| n.lower.nvme.clone())
+                .and_then(|k| self.nvme_path(&k));
+            let Ok(node) = ns.get_mut(ino) else {
+                return Ok(());
+            };
+            match node.kind {
+                NodeKind::File { writers: 0, .. } if !node.lower.uploading => {}
+                _ => return Ok(()), // a writer's seal queues it again
+            }
+            if node.lower.s3.as_ref().is_some_and(|c| c.key == key) {
+                return Ok(()); // already there
+            }
+            let source = match (self.host.get(ino), nvme_path) {
+                (Some(f), _) => Source::Host(f),
+                (None, Some(p)) => Source::Nvme(p),
+                (None, None) => return Ok(()), // gone
+            };
+            node.lower.uploading = true;
+            (key, node.lower.version, source)
+        };
+        let sent = (|| {
+            let (file, _host);
+            let (fd, len, mtime) = match &source {
+                Source::Host(f) => {
+                    let st = f.stat().map_err(|source| S3Error::Io {
+                        op: "fstat",
+                        source,
+                    })?;
+                    _host = f.fd().map_err(|source| S3Error::Io {
+                        op: "open backing file",
+                        source,
+                    })?;
+                    (_host.as_fd(), st.size, st.mtime)
+                }
+                Source::Nvme(p) => {
+                    file = std::fs::File::open(p).map_err(|source| S3Error::Io {
+                        op: "open nvme copy",
+                        source,
+                    })?;
+                    let md = file.metadata().map_err(|source| S3Error::Io {
+                        op: "stat nvme copy",
+                        source,
+                    })?;
+                    (
+                        file.as_fd(),
+                        md.len(),
+                        md.modified().unwrap_or(SystemTime::now()),
+                    )
+                }
+            };
+            if adopt
+                && let Ok(Some(info)) = tier.head(&key)
+                && info.size == len
+                && info.mtime == mtime
+            {
+                return Ok((len, mtime));
+            }
+            if let Some(remote) = &self.remote {
+                remote.backlog_bytes.fetch_add(len, Ordering::Relaxed);
+            }
+            let res = tier.put_from_fd(&key, fd, len, mtime);
+            if let Some(remote) = &self.remote {
+                remote.backlog_bytes.fetch_sub(len, Ordering::Relaxed);
+            }
+            res.map(|_| (len, mtime))
+        })();
+        let mut ns = self.ns();
+        let Ok(node) = ns.get_mut(ino) else {
+            if sent.is_ok() {
+                self.push_job(Job::Delete { key });
+            }
+            return Ok(());
+        };
+        node.lower.uploading = false;
+        let (len, mtime) = match sent {
+            Ok(v) => v,
+            Err(e @ S3Error::Io { .. }) => {
+                // The local source vanished (evicted meanwhile): nothing to send.
+                tracing::debug!(ino, error = %e, "upload source gone");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        let current = ns.path_of(ino).map(|p| p.to_string_lossy().into_owned());
+        let node = ns
+            .get_mut(ino)
+            .map_err(|e| S3Error::Settings(e.to_string()))?;
+        if node.nlink == 0 || node.lower.version != version {
+            self.push_job(Job::Delete { key });
+            return Ok(());
+        }
+        node.lower.s3 = Some(RemoteCopy {
+            key: key.clone(),
+            size: len,
+            mtime,
+            checked: Instant::now(),
+            settled: true,
+        });
+        if let Some(remote) = &self.remote {
+            remote.uploaded.fetch_add(1, Ordering::Relaxed);
+        }
+        // Renamed while sending: move the object after it.
+        if let Some(now) = current
+            && now != key
+        {
+            self.reconcile_s3_keys(&mut ns, &[ino]);
+        }
+        // Now clean for the tier above.
+        if self.lower.is_none() && ns.get(ino).is_ok_and(|n| n.open == 0) {
+            let evicted = self.host.make_evictable(ino);
+            self.drop_evicted(&mut ns, &evicted);
+        }
+        self.bg_progress();
+        Ok(())
+    }
+}
+
+fn upload_loop(core: Weak<Kvfs>) {
+    let mut backoff = RETRY_FIRST;
+    loop {
+        let Some(k) = core.upgrade() else { return };
+        let Some(remote) = &k.remote else { return };
+        if remote.stopped.load(Ordering::Relaxed) {
+            return;
+        }
+        let next = {
+            let mut jobs = lock(&remote.jobs);
+            if jobs.is_empty() {
+                // Bounded, so that the strong reference is let go of now
+                // and then and the core can end with the mount.
+                jobs = remote
+                    .wake
+                    .wait_timeout(jobs, Duration::from_millis(200))
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|p| p.into_inner().0);
+            }
+            jobs.pop_front()
+        };
+        let Some(mut job) = next else { continue };
+        match k.run_job(&mut job) {
+            Ok(()) => {
+                backoff = RETRY_FIRST;
+                if let Job::Upload {
+                    done: Some(done), ..
+                } = job
+                {
+                    let _ = done.send(Ok(()));
+                }
+            }
+            Err(e) if e.is_missing() => {
+                tracing::warn!(error = %e, "s3 job dropped");
+                if let Job::Upload {
+                    done: Some(done), ..
+                } = job
+                {
+                    let _ = done.send(Err(s3_err(e)));
+                }
+            }
+            Err(e) => {
+                // Keep order: the job goes back to the head.
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "s3 unavailable; will retry");
+                lock(&remote.jobs).push_front(job);
+                drop(k);
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(RETRY_MAX);
+            }
+        }
+    }
+}

@@ -1,0 +1,877 @@
+//! The S3 tier's storage engine: whole files as objects in one bucket under
+//! a prefix, over aws-sdk-s3. It knows keys (paths in the mount), never
+//! inodes or FUSE; the policy (what to upload when, what S3 holds for whom)
+//! lives in the core.
+//!
+//! Blocking API over a small tokio runtime the tier owns, because its
+//! callers are FUSE worker threads and the core's background threads.
+//!
+//! Integrity: every object carries the CRC32C of its whole contents in its
+//! metadata (`x-amz-meta-kvfs-crc32c`), and every request body carries an
+//! `x-amz-checksum-crc32c` the server verifies. Reads verify the whole file
+//! against the metadata before anyone sees it: never wrong bytes.
+
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::error::DisplayErrorContext;
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
+
+use super::{pread_full, pwrite_all};
+
+/// Metadata keys (sent as `x-amz-meta-*`).
+const META_CRC: &str = "kvfs-crc32c";
+const META_MTIME: &str = "kvfs-mtime-ns";
+
+/// How a mount reaches its bucket.
+#[derive(Debug, Clone)]
+pub struct S3Config {
+    pub bucket: String,
+    /// Prepended to every key; normalised to end in `/` unless empty.
+    pub prefix: String,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub path_style: bool,
+    /// Objects above this size are uploaded in parts of this size, and read
+    /// back in ranges of this size, several at once.
+    pub part_size: u64,
+    /// Parts or ranges in flight per object.
+    pub concurrency: usize,
+}
+
+impl S3Config {
+    pub fn new(bucket: &str) -> S3Config {
+        S3Config {
+            bucket: bucket.to_string(),
+            prefix: String::new(),
+            endpoint: None,
+            region: None,
+            path_style: false,
+            part_size: 8 << 20,
+            concurrency: 8,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum S3Error {
+    #[error("s3 object {0} not found")]
+    NotFound(String),
+    /// The settings cannot work (bucket missing, credentials refused, no
+    /// endpoint answering): one line a user can act on.
+    #[error("{0}")]
+    Settings(String),
+    #[error("s3 {op} {key}: {message}")]
+    Service {
+        op: &'static str,
+        key: String,
+        message: String,
+    },
+    #[error("s3 {op} {key}: no answer within {secs} s")]
+    Timeout {
+        op: &'static str,
+        key: String,
+        secs: u64,
+    },
+    #[error("s3 object {key}: {what}")]
+    Corrupt { key: String, what: String },
+    #[error("{op}: {source}")]
+    Io {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl S3Error {
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, S3Error::NotFound(_))
+    }
+
+    /// Damaged or absent: the copy cannot be used (a cache miss), as
+    /// opposed to an outage, after which it may come back.
+    pub fn is_missing(&self) -> bool {
+        matches!(self, S3Error::NotFound(_) | S3Error::Corrupt { .. })
+    }
+}
+
+type Result<T> = std::result::Result<T, S3Error>;
+
+/// What HEAD or LIST tells about an object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub size: u64,
+    pub mtime: SystemTime,
+}
+
+/// What a name is in the bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Found {
+    File(ObjectInfo),
+    /// Objects lie below `name/`.
+    Dir,
+}
+
+/// One level of a directory in the bucket: names relative to it.
+#[derive(Debug, Default)]
+pub struct Listing {
+    pub dirs: Vec<String>,
+    pub files: Vec<(String, ObjectInfo)>,
+}
+
+/// Counters for status and metrics.
+#[derive(Debug, Default)]
+pub struct S3Counters {
+    pub put_bytes: AtomicU64,
+    pub get_bytes: AtomicU64,
+    pub requests: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+pub struct S3Tier {
+    rt: tokio::runtime::Runtime,
+    client: Client,
+    bucket: String,
+    prefix: String,
+    part_size: u64,
+    concurrency: usize,
+    /// Whether the last request got an answer (any answer, even 404).
+    healthy: AtomicBool,
+    pub counters: Arc<S3Counters>,
+}
+
+impl std::fmt::Debug for S3Tier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Tier")
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+/// How long one attempt of a request may take; a lookup must not hang on
+/// an outage.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Lookups (HEAD, small LIST) give up sooner: the caller is a stat.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
+
+fn b64(crc: u32) -> String {
+    aws_smithy_types::base64::encode(crc.to_be_bytes())
+}
+
+fn parse_mtime(ns: Option<&String>) -> Option<SystemTime> {
+    let ns: u64 = ns?.parse().ok()?;
+    Some(UNIX_EPOCH + Duration::from_nanos(ns))
+}
+
+fn nanos(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+fn smithy_time(t: Option<&aws_sdk_s3::primitives::DateTime>) -> SystemTime {
+    t.and_then(|t| SystemTime::try_from(*t).ok())
+        .unwrap_or(UNIX_EPOCH)
+}
+
+/// HTTP status of a failed request, when the server answered at all.
+fn status_of<E>(e: &SdkError<E, HttpResponse>) -> Option<u16> {
+    e.raw_response().map(|r| r.status().as_u16())
+}
+
+impl S3Tier {
+    /// Builds the client; no request is made (see [`S3Tier::check`]).
+    pub fn connect(cfg: &S3Config) -> Result<S3Tier> {
+        if cfg.bucket.is_empty() {
+            return Err(S3Error::Settings("s3 bucket name is empty".into()));
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(cfg.concurrency.clamp(2, 8))
+            .thread_name("kvfs-s3")
+            .enable_all()
+            .build()
+            .map_err(|source| S3Error::Io {
+                op: "start s3 runtime",
+                source,
+            })?;
+        let timeouts = aws_config::timeout::TimeoutConfig::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .operation_attempt_timeout(ATTEMPT_TIMEOUT)
+            .build();
+        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .timeout_config(timeouts)
+            .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(3));
+        if let Some(region) = &cfg.region {
+            loader = loader.region(aws_config::Region::new(region.clone()));
+        }
+        if let Some(endpoint) = &cfg.endpoint {
+            loader = loader.endpoint_url(endpoint.clone());
+        }
+        let shared = rt.block_on(loader.load());
+        let mut conf = aws_sdk_s3::config::Builder::from(&shared).force_path_style(cfg.path_style);
+        if shared.region().is_none() {
+            // S3-compatible servers rarely care; the signer needs one.
+            conf = conf.region(aws_config::Region::new("us-east-1"));
+        }
+        let client = Client::from_conf(conf.build());
+        let prefix = match cfg.prefix.trim_matches('/') {
+            "" => String::new(),
+            p => format!("{p}/"),
+        };
+        Ok(S3Tier {
+            rt,
+            client,
+            bucket: cfg.bucket.clone(),
+            prefix,
+            part_size: cfg.part_size.max(5 << 20),
+            concurrency: cfg.concurrency.max(1),
+            healthy: AtomicBool::new(true),
+            counters: Arc::default(),
+        })
+    }
+
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Whether the last request was answered.
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    fn full_key(&self, key: &str) -> String {
+        format!("{}{}", self.prefix, key.trim_start_matches('/'))
+    }
+
+    /// Records whether the server answered, and turns an SDK error into ours.
+    fn fail<E>(&self, op: &'static str, key: &str, e: SdkError<E, HttpResponse>) -> S3Error
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        let status = status_of(&e);
+        let answered = status.is_some();
+        self.healthy.store(answered, Ordering::Relaxed);
+        if status == Some(404) || matches!(e.code(), Some("NoSuchKey" | "NotFound")) {
+            return S3Error::NotFound(key.to_string());
+        }
+        self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        S3Error::Service {
+            op,
+            key: key.to_string(),
+            message: DisplayErrorContext(&e).to_string(),
+        }
+    }
+
+    fn ok(&self) {
+        self.counters.requests.fetch_add(1, Ordering::Relaxed);
+        self.healthy.store(true, Ordering::Relaxed);
+    }
+
+    /// Checks that the bucket exists and the credentials work; errors are
+    /// one line naming the problem.
+    pub fn check(&self) -> Result<()> {
+        let req = self.client.head_bucket().bucket(&self.bucket).send();
+        let res = self
+            .rt
+            .block_on(async { tokio::time::timeout(LOOKUP_TIMEOUT * 2, req).await });
+        let bucket = &self.bucket;
+        match res {
+            Err(_) => Err(S3Error::Settings(format!(
+                "s3 endpoint does not answer (bucket {bucket}) within {} s",
+                (LOOKUP_TIMEOUT * 2).as_secs()
+            ))),
+            Ok(Ok(_)) => {
+                self.ok();
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                self.healthy
+                    .store(status_of(&e).is_some(), Ordering::Relaxed);
+                Err(S3Error::Settings(match status_of(&e) {
+                    Some(404) => format!("s3 bucket {bucket} does not exist"),
+                    Some(401 | 403) => {
+                        format!("s3 credentials refused for bucket {bucket} (HTTP 403)")
+                    }
+                    Some(code) => format!("s3 bucket {bucket}: HTTP {code} from the server"),
+                    None => format!(
+                        "s3 endpoint unreachable (bucket {bucket}): {}",
+                        DisplayErrorContext(&e)
+                    ),
+                }))
+            }
+        }
+    }
+
+    /// Uploads `len` bytes of `src` as `key`; returns their CRC32C. Single
+    /// PUT up to one part, multipart with parallel parts above.
+    pub fn put_from_fd(
+        &self,
+        key: &str,
+        src: BorrowedFd<'_>,
+        len: u64,
+        mtime: SystemTime,
+    ) -> Result<u32> {
+        let full = self.full_key(key);
+        let fd = src.as_raw_fd();
+        let crc = if len <= self.part_size {
+            let mut buf = vec![0u8; len as usize];
+            pread_full(fd, &mut buf, 0).map_err(|source| S3Error::Io {
+                op: "read for upload",
+                source,
+            })?;
+            let crc = crc32c::crc32c(&buf);
+            let req = self
+                .client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(&full)
+                .checksum_crc32_c(b64(crc))
+                .metadata(META_CRC, format!("{crc:08x}"))
+                .metadata(META_MTIME, nanos(mtime).to_string())
+                .body(ByteStream::from(buf))
+                .send();
+            self.rt
+                .block_on(req)
+                .map_err(|e| self.fail("put", key, e))?;
+            crc
+        } else {
+            self.rt
+                .block_on(self.multipart(key, &full, fd, len, mtime))?
+        };
+        self.ok();
+        self.counters.put_bytes.fetch_add(len, Ordering::Relaxed);
+        Ok(crc)
+    }
+
+    /// The whole object's CRC32C must be in the metadata when the upload
+    /// starts, so it is computed first (one pass over memory-speed data).
+    async fn multipart(
+        &self,
+        key: &str,
+        full: &str,
+        fd: i32,
+        len: u64,
+        mtime: SystemTime,
+    ) -> Result<u32> {
+        let parts = len.div_ceil(self.part_size);
+        let mut whole = 0u32;
+        let mut buf = vec![0u8; self.part_size as usize];
+        for i in 0..parts {
+            let off = i * self.part_size;
+            let n = (len - off).min(self.part_size) as usize;
+            pread_full(fd, &mut buf[..n], off).map_err(|source| S3Error::Io {
+                op: "read for upload",
+                source,
+            })?;
+            whole = crc32c::crc32c_append(whole, &buf[..n]);
+        }
+        drop(buf);
+        let created = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(full)
+            .checksum_algorithm(ChecksumAlgorithm::Crc32C)
+            .metadata(META_CRC, format!("{whole:08x}"))
+            .metadata(META_MTIME, nanos(mtime).to_string())
+            .send()
+            .await
+            .map_err(|e| self.fail("create multipart upload", key, e))?;
+        let upload_id = created.upload_id().unwrap_or_default().to_string();
+        let res = self.upload_parts(key, full, &upload_id, fd, len).await;
+        match res {
+            Ok(done) => {
+                self.client
+                    .complete_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(full)
+                    .upload_id(&upload_id)
+                    .multipart_upload(
+                        CompletedMultipartUpload::builder()
+                            .set_parts(Some(done))
+                            .build(),
+                    )
+                    .send()
+                    .await
+                    .map_err(|e| self.fail("complete multipart upload", key, e))?;
+                Ok(whole)
+            }
+            Err(e) => {
+                // Best effort: a leftover upload is invisible to readers.
+                let _ = self
+                    .client
+                    .abort_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(full)
+                    .upload_id(&upload_id)
+                    .send()
+                    .await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn upload_parts(
+        &self,
+        key: &str,
+        full: &str,
+        upload_id: &str,
+        fd: i32,
+        len: u64,
+    ) -> Result<Vec<CompletedPart>> {
+        let parts = len.div_ceil(self.part_size);
+        let sem = Arc::new(tokio::sync::Semaphore::new(self.concurrency));
+        let mut tasks = Vec::with_capacity(parts as usize);
+        for i in 0..parts {
+            let off = i * self.part_size;
+            let n = (len - off).min(self.part_size) as usize;
+            let permit = Arc::clone(&sem).acquire_owned().await;
+            let mut buf = vec![0u8; n];
+            pread_full(fd, &mut buf, off).map_err(|source| S3Error::Io {
+                op: "read for upload",
+                source,
+            })?;
+            let crc = b64(crc32c::crc32c(&buf));
+            let req = self
+                .client
+                .upload_part()
+                .bucket(&self.bucket)
+                .key(full)
+                .upload_id(upload_id)
+                .part_number(i as i32 + 1)
+                .checksum_crc32_c(crc.clone())
+                .body(ByteStream::from(buf))
+                .send();
+            tasks.push(self.rt.spawn(async move {
+                let out = req.await;
+                drop(permit);
+                (out, crc)
+            }));
+        }
+        let mut done = Vec::with_capacity(tasks.len());
+        for (i, t) in tasks.into_iter().enumerate() {
+            let (out, crc) = t.await.map_err(|e| S3Error::Service {
+                op: "upload part",
+                key: key.to_string(),
+                message: e.to_string(),
+            })?;
+            let out = out.map_err(|e| self.fail("upload part", key, e))?;
+            done.push(
+                CompletedPart::builder()
+                    .part_number(i as i32 + 1)
+                    .set_e_tag(out.e_tag().map(str::to_string))
+                    .checksum_crc32_c(crc)
+                    .build(),
+            );
+        }
+        Ok(done)
+    }
+
+    /// Size and time of `key`, or `None` if there is no such object.
+    pub fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
+        let full = self.full_key(key);
+        let req = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send();
+        let res = self
+            .rt
+            .block_on(async { tokio::time::timeout(LOOKUP_TIMEOUT, req).await });
+        match res {
+            Err(_) => {
+                self.healthy.store(false, Ordering::Relaxed);
+                Err(S3Error::Timeout {
+                    op: "head",
+                    key: key.to_string(),
+                    secs: LOOKUP_TIMEOUT.as_secs(),
+                })
+            }
+            Ok(Ok(out)) => {
+                self.ok();
+                let meta = out.metadata();
+                let mtime = parse_mtime(meta.and_then(|m| m.get(META_MTIME)))
+                    .unwrap_or_else(|| smithy_time(out.last_modified()));
+                Ok(Some(ObjectInfo {
+                    size: out.content_length().unwrap_or(0).max(0) as u64,
+                    mtime,
+                }))
+            }
+            Ok(Err(e)) => match self.fail("head", key, e) {
+                S3Error::NotFound(_) => {
+                    self.healthy.store(true, Ordering::Relaxed);
+                    Ok(None)
+                }
+                e => Err(e),
+            },
+        }
+    }
+
+    /// What `key` is: an object, a directory (objects below `key/`), or
+    /// nothing. HEAD and LIST go out together, so a lookup costs one round
+    /// trip; some servers answer HEAD of a "directory" with an error, so a
+    /// directory wins over a failed HEAD.
+    pub fn lookup(&self, key: &str) -> Result<Option<Found>> {
+        let quick = aws_sdk_s3::config::Builder::new()
+            .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(2));
+        let full = self.full_key(key);
+        let head = self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .customize()
+            .config_override(quick.clone())
+            .send();
+        let list = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(format!("{full}/"))
+            .max_keys(1)
+            .customize()
+            .config_override(quick)
+            .send();
+        let both = async {
+            tokio::time::timeout(LOOKUP_TIMEOUT, async { tokio::join!(head, list) }).await
+        };
+        let Ok((head, list)) = self.rt.block_on(both) else {
+            self.healthy.store(false, Ordering::Relaxed);
+            return Err(S3Error::Timeout {
+                op: "lookup",
+                key: key.to_string(),
+                secs: LOOKUP_TIMEOUT.as_secs(),
+            });
+        };
+        if let Ok(out) = &list
+            && (out.key_count().unwrap_or(0) > 0 || !out.contents().is_empty())
+        {
+            self.ok();
+            return Ok(Some(Found::Dir));
+        }
+        match head {
+            Ok(out) => {
+                self.ok();
+                let meta = out.metadata();
+                let mtime = parse_mtime(meta.and_then(|m| m.get(META_MTIME)))
+                    .unwrap_or_else(|| smithy_time(out.last_modified()));
+                Ok(Some(Found::File(ObjectInfo {
+                    size: out.content_length().unwrap_or(0).max(0) as u64,
+                    mtime,
+                })))
+            }
+            Err(e) => match self.fail("head", key, e) {
+                S3Error::NotFound(_) => {
+                    self.healthy.store(true, Ordering::Relaxed);
+                    match list {
+                        Ok(_) => Ok(None),
+                        Err(e) => Err(self.fail("list", key, e)),
+                    }
+                }
+                e => Err(e),
+            },
+        }
+    }
+
+    /// Whether any object lies below `key/` (a directory in the bucket).
+    pub fn is_dir(&self, key: &str) -> Result<bool> {
+        let full = format!("{}/", self.full_key(key));
+        let req = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&full)
+            .max_keys(1)
+            .send();
+        let res = self
+            .rt
+            .block_on(async { tokio::time::timeout(LOOKUP_TIMEOUT, req).await });
+        match res {
+            Err(_) => {
+                self.healthy.store(false, Ordering::Relaxed);
+                Err(S3Error::Timeout {
+                    op: "list",
+                    key: key.to_string(),
+                    secs: LOOKUP_TIMEOUT.as_secs(),
+                })
+            }
+            Ok(Ok(out)) => {
+                self.ok();
+                Ok(out.key_count().unwrap_or(0) > 0 || !out.contents().is_empty())
+            }
+            Ok(Err(e)) => Err(self.fail("list", key, e)),
+        }
+    }
+
+    /// Reads the whole object into `dst` (from offset 0) with parallel
+    /// ranged GETs; verifies its CRC32C before returning. Returns its size.
+    pub fn get_to_fd(&self, key: &str, dst: BorrowedFd<'_>) -> Result<u64> {
+        let full = self.full_key(key);
+        let fd = dst.as_raw_fd();
+        let got = self.rt.block_on(self.get_ranges(key, &full, fd));
+        let (len, crc, want) = got?;
+        self.ok();
+        self.counters.get_bytes.fetch_add(len, Ordering::Relaxed);
+        match want {
+            Some(want) if want != crc => Err(S3Error::Corrupt {
+                key: key.to_string(),
+                what: format!("crc32c {crc:08x}, metadata says {want:08x}"),
+            }),
+            // Written by another tool: nothing to check against.
+            _ => Ok(len),
+        }
+    }
+
+    /// The first range tells the size and the checksum; the rest are
+    /// fetched in parallel. Each range's CRC is combined in order.
+    async fn get_ranges(&self, key: &str, full: &str, fd: i32) -> Result<(u64, u32, Option<u32>)> {
+        let first = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(full)
+            .range(format!("bytes=0-{}", self.part_size - 1))
+            .send()
+            .await
+            .map_err(|e| self.fail("get", key, e))?;
+        let want = first
+            .metadata()
+            .and_then(|m| m.get(META_CRC))
+            .and_then(|v| u32::from_str_radix(v, 16).ok());
+        // "bytes 0-N/TOTAL"; a server that ignores ranges sends it all.
+        let total = first
+            .content_range()
+            .and_then(|r| r.rsplit('/').next())
+            .and_then(|t| t.parse::<u64>().ok());
+        let body = first.body.collect().await.map_err(|e| S3Error::Service {
+            op: "get",
+            key: key.to_string(),
+            message: e.to_string(),
+        })?;
+        let data = body.into_bytes();
+        let total = total.unwrap_or(data.len() as u64);
+        pwrite_all(fd, &data, 0).map_err(|source| S3Error::Io {
+            op: "write fetched data",
+            source,
+        })?;
+        let mut crc = crc32c::crc32c(&data);
+        let mut off = data.len() as u64;
+        drop(data);
+        // SAFETY: fd is valid for the whole call (the caller borrows it).
+        let size_ok = unsafe { libc::ftruncate(fd, total as libc::off_t) } == 0;
+        if !size_ok {
+            return Err(S3Error::Io {
+                op: "size fetched file",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        let sem = Arc::new(tokio::sync::Semaphore::new(self.concurrency));
+        let mut tasks = Vec::new();
+        while off < total {
+            let n = (total - off).min(self.part_size);
+            let permit = Arc::clone(&sem).acquire_owned().await;
+            let req = self
+                .client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(full)
+                .range(format!("bytes={}-{}", off, off + n - 1))
+                .send();
+            let key = key.to_string();
+            tasks.push((
+                n,
+                self.rt.spawn(async move {
+                    let res = async {
+                        let out = req
+                            .await
+                            .map_err(|e| (true, DisplayErrorContext(e).to_string()))?;
+                        let bytes = out
+                            .body
+                            .collect()
+                            .await
+                            .map_err(|e| (true, e.to_string()))?
+                            .into_bytes();
+                        if bytes.len() as u64 != n {
+                            return Err((
+                                false,
+                                format!("range at {off}: {} of {n} bytes", bytes.len()),
+                            ));
+                        }
+                        pwrite_all(fd, &bytes, off).map_err(|e| (false, e.to_string()))?;
+                        Ok(crc32c::crc32c(&bytes))
+                    }
+                    .await;
+                    drop(permit);
+                    res.map_err(|(service, message)| (key, service, message))
+                }),
+            ));
+            off += n;
+        }
+        for (n, t) in tasks {
+            let part = t.await.map_err(|e| S3Error::Service {
+                op: "get",
+                key: key.to_string(),
+                message: e.to_string(),
+            })?;
+            match part {
+                Ok(c) => crc = crc32c::crc32c_combine(crc, c, n as usize),
+                Err((key, true, message)) => {
+                    self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                    return Err(S3Error::Service {
+                        op: "get",
+                        key,
+                        message,
+                    });
+                }
+                Err((key, false, what)) => return Err(S3Error::Corrupt { key, what }),
+            }
+        }
+        Ok((total, crc, want))
+    }
+
+    pub fn delete(&self, key: &str) -> Result<()> {
+        let full = self.full_key(key);
+        let req = self
+            .client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send();
+        match self.rt.block_on(req) {
+            Ok(_) => {
+                self.ok();
+                Ok(())
+            }
+            Err(e) => match self.fail("delete", key, e) {
+                S3Error::NotFound(_) => Ok(()),
+                e => Err(e),
+            },
+        }
+    }
+
+    /// Server-side copy then delete. Not atomic: between the two, both names
+    /// exist (never neither, and never half an object).
+    pub fn rename(&self, from: &str, to: &str) -> Result<()> {
+        let src = format!("{}/{}", self.bucket, urlencode_path(&self.full_key(from)));
+        let req = self
+            .client
+            .copy_object()
+            .bucket(&self.bucket)
+            .key(self.full_key(to))
+            .copy_source(src)
+            .send();
+        self.rt
+            .block_on(req)
+            .map_err(|e| self.fail("copy", from, e))?;
+        self.ok();
+        self.delete(from)
+    }
+
+    /// The entries directly below `dir` ("" for the root), all pages.
+    pub fn list(&self, dir: &str) -> Result<Listing> {
+        let base = match dir.trim_matches('/') {
+            "" => self.prefix.clone(),
+            d => format!("{}{d}/", self.prefix),
+        };
+        let mut out = Listing::default();
+        let mut token: Option<String> = None;
+        loop {
+            let req = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(&base)
+                .delimiter("/")
+                .set_continuation_token(token.take())
+                .send();
+            let page = self
+                .rt
+                .block_on(req)
+                .map_err(|e| self.fail("list", dir, e))?;
+            self.ok();
+            for p in page.common_prefixes() {
+                if let Some(name) = p
+                    .prefix()
+                    .and_then(|p| p.strip_prefix(base.as_str()))
+                    .map(|p| p.trim_end_matches('/'))
+                    .filter(|p| !p.is_empty())
+                {
+                    out.dirs.push(name.to_string());
+                }
+            }
+            for o in page.contents() {
+                let Some(name) = o.key().and_then(|k| k.strip_prefix(base.as_str())) else {
+                    continue;
+                };
+                if name.is_empty() || name.contains('/') {
+                    continue;
+                }
+                out.files.push((
+                    name.to_string(),
+                    ObjectInfo {
+                        size: o.size().unwrap_or(0).max(0) as u64,
+                        mtime: smithy_time(o.last_modified()),
+                    },
+                ));
+            }
+            match page.next_continuation_token() {
+                Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_string()),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// CopySource is `bucket/key` URL-encoded, except for the slashes.
+fn urlencode_path(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for b in key.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_source_keeps_slashes_and_escapes_the_rest() {
+        assert_eq!(urlencode_path("a/b c/d+e.bin"), "a/b%20c/d%2Be.bin");
+    }
+
+    #[test]
+    fn checksum_header_is_big_endian_base64() {
+        // CRC32C of "123456789" is e3069283.
+        let crc = crc32c::crc32c(b"123456789");
+        assert_eq!(crc, 0xe306_9283);
+        assert_eq!(b64(crc), "4waSgw==");
+    }
+
+    #[test]
+    fn bad_bucket_name_is_a_settings_error() {
+        assert!(matches!(
+            S3Tier::connect(&S3Config::new("")),
+            Err(S3Error::Settings(_))
+        ));
+    }
+}
