@@ -16,6 +16,7 @@ use crate::metrics::Metrics;
 
 mod lower;
 mod remote;
+mod zc;
 use crate::namespace::{FileState, Ino, Namespace, NodeKind, NsError, Owner, ROOT_INO, RenameMode};
 use crate::store::host::{FileStat, SetTime};
 use crate::store::{HostFile, HostTier, HostUsage, StoreError};
@@ -28,6 +29,9 @@ pub const STATUS_INO: Ino = 3;
 /// Prometheus text, for scrapers that read files.
 pub const STATS_FILE: &str = "stats";
 pub const STATS_INO: Ino = 4;
+/// A symlink to the zero-copy control socket, when it is served.
+pub const ZC_SOCKET_FILE: &str = "zerocopy.sock";
+pub const ZC_SOCKET_INO: Ino = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {
@@ -72,6 +76,7 @@ const PAGE: u64 = 4096;
 pub enum Kind {
     Dir,
     File,
+    Symlink,
 }
 
 /// Attributes as `stat` shows them.
@@ -178,6 +183,10 @@ pub struct Kvfs {
     /// Signalled whenever background work makes a file clean: writers
     /// waiting for room in the host tier wait on it.
     progress: (Mutex<()>, std::sync::Condvar),
+    /// Zero-copy slots allocated and not yet committed or aborted.
+    zc_slots: Mutex<std::collections::HashSet<Ino>>,
+    /// Where the zero-copy socket is, once it is served.
+    zc_socket: OnceLock<std::path::PathBuf>,
     /// What fsync waits for (the durability level).
     sync_waits_for_nvme: bool,
     sync_waits_for_s3: bool,
@@ -210,6 +219,8 @@ impl Kvfs {
             lower: None,
             remote: None,
             promoting: Mutex::new(HashMap::new()),
+            zc_slots: Mutex::new(Default::default()),
+            zc_socket: OnceLock::new(),
             progress: (Mutex::new(()), std::sync::Condvar::new()),
             sync_waits_for_nvme: false,
             sync_waits_for_s3: false,
@@ -269,6 +280,26 @@ impl Kvfs {
         *lock(&self.data_mode)
     }
 
+    /// Where the host tier's backing files are.
+    pub fn host_backing_dir(&self) -> std::path::PathBuf {
+        self.host.backing_dir().to_path_buf()
+    }
+
+    /// Shows `.kvfs/zerocopy.sock`, a symlink to the served socket.
+    pub fn set_zc_socket(&self, path: std::path::PathBuf) {
+        let _ = self.zc_socket.set(path);
+    }
+
+    /// The target of a symlink (only the control directory has one).
+    pub fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {
+        match (ino, self.zc_socket.get()) {
+            (ZC_SOCKET_INO, Some(p)) => {
+                Ok(std::os::unix::ffi::OsStrExt::as_bytes(p.as_os_str()).to_vec())
+            }
+            _ => Err(NsError::Invalid("not a symlink").into()),
+        }
+    }
+
     pub fn set_invalidator(&self, f: Invalidator) {
         // Set once at mount; a second call is a programming error we ignore.
         let _ = self.invalidator.set(f);
@@ -289,6 +320,14 @@ impl Kvfs {
     fn control_attr(&self, ns: &Namespace, ino: Ino) -> Attr {
         let (kind, perm, nlink, size) = match ino {
             CONTROL_DIR_INO => (Kind::Dir, 0o555, 2, 0),
+            ZC_SOCKET_INO => (
+                Kind::Symlink,
+                0o777,
+                1,
+                self.zc_socket
+                    .get()
+                    .map_or(0, |p| p.as_os_str().len() as u64),
+            ),
             STATS_INO => (Kind::File, 0o444, 1, self.prometheus_text().len() as u64),
             _ => (Kind::File, 0o444, 1, self.status_doc(ns).len() as u64),
         };
@@ -309,7 +348,10 @@ impl Kvfs {
     }
 
     fn is_control(ino: Ino) -> bool {
-        matches!(ino, CONTROL_DIR_INO | STATUS_INO | STATS_INO)
+        matches!(
+            ino,
+            CONTROL_DIR_INO | STATUS_INO | STATS_INO | ZC_SOCKET_INO
+        )
     }
 
     /// Builds attributes from the namespace and, for files, the backing file.
@@ -375,6 +417,9 @@ impl Kvfs {
             return match name.to_str() {
                 Some(STATUS_FILE) => Ok(self.control_attr(&ns, STATUS_INO)),
                 Some(STATS_FILE) => Ok(self.control_attr(&ns, STATS_INO)),
+                Some(ZC_SOCKET_FILE) if self.zc_socket.get().is_some() => {
+                    Ok(self.control_attr(&ns, ZC_SOCKET_INO))
+                }
                 _ => Err(NsError::NotFound.into()),
             };
         }
@@ -855,12 +900,16 @@ impl Kvfs {
             is_dir,
             name: name.into(),
         };
-        Ok(vec![
+        let mut entries = vec![
             entry(ino, true, "."),
             entry(ROOT_INO, true, ".."),
             entry(STATUS_INO, false, STATUS_FILE),
             entry(STATS_INO, false, STATS_FILE),
-        ])
+        ];
+        if self.zc_socket.get().is_some() {
+            entries.push(entry(ZC_SOCKET_INO, false, ZC_SOCKET_FILE));
+        }
+        Ok(entries)
     }
 
     pub fn opendir(&self, ino: Ino) -> Result<u64> {
@@ -899,7 +948,11 @@ impl Kvfs {
             return Err(FsError::BadHandle(fh));
         };
         for (i, e) in entries.iter().enumerate().skip(offset as usize) {
-            let kind = if e.is_dir { Kind::Dir } else { Kind::File };
+            let kind = match (e.is_dir, e.ino) {
+                (true, _) => Kind::Dir,
+                (false, ZC_SOCKET_INO) => Kind::Symlink,
+                _ => Kind::File,
+            };
             if emit(e.ino, kind, &e.name, i as u64 + 1) {
                 break;
             }

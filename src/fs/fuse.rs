@@ -81,6 +81,7 @@ fn file_attr(a: &Attr) -> FileAttr {
         kind: match a.kind {
             Kind::Dir => FileType::Directory,
             Kind::File => FileType::RegularFile,
+            Kind::Symlink => FileType::Symlink,
         },
         perm: a.perm,
         nlink: a.nlink,
@@ -209,6 +210,11 @@ impl Filesystem for FuseFs {
         let _timer = self.core.metrics.time("lookup");
         let attr = tri!(self, "lookup", reply, self.core.lookup(parent.0, name));
         reply.entry(&TTL, &file_attr(&attr), Generation(0));
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let target = tri!(self, "readlink", reply, self.core.readlink(ino.0));
+        reply.data(&target);
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -492,6 +498,7 @@ impl Filesystem for FuseFs {
             let kind = match kind {
                 Kind::Dir => FileType::Directory,
                 Kind::File => FileType::RegularFile,
+                Kind::Symlink => FileType::Symlink,
             };
             reply.add(INodeNo(ino), next, kind, name)
         });

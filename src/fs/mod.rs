@@ -5,5 +5,6 @@ pub mod core;
 pub mod errno;
 mod fuse;
 pub mod mount;
+mod zerocopy;
 
 pub use core::{DataMode, Kvfs};

@@ -67,6 +67,8 @@ pub struct Mounted {
     pub core: Arc<Kvfs>,
     pub mountpoint: PathBuf,
     session: BackgroundSession,
+    /// Stopped (and its socket removed) when the mount goes.
+    _zerocopy: Option<crate::zerocopy::Server>,
 }
 
 impl Mounted {
@@ -264,6 +266,21 @@ pub fn mount(config: &Config) -> Result<Mounted, MountError> {
             .map_err(|source| MountError::Metrics { addr, source })?;
         tracing::info!(addr = %bound, "serving Prometheus metrics");
     }
+    // The zero-copy socket lives beside the backing files (a FUSE
+    // directory cannot hold a listening socket); `.kvfs/zerocopy.sock`
+    // links to it. Without it the mount still works: FUSE is the fallback.
+    let socket = core.host_backing_dir().join("zerocopy.sock");
+    let backend = Arc::new(super::zerocopy::CoreBackend::new(Arc::downgrade(&core)));
+    let zerocopy = match crate::zerocopy::Server::start(&socket, me.uid, backend) {
+        Ok(server) => {
+            core.set_zc_socket(socket);
+            Some(server)
+        }
+        Err(e) => {
+            tracing::warn!(path = %socket.display(), error = %e, "zero-copy socket not served");
+            None
+        }
+    };
     let fs = FuseFs::new(Arc::clone(&core), config.data_path);
 
     let options = vec![
@@ -319,6 +336,7 @@ pub fn mount(config: &Config) -> Result<Mounted, MountError> {
         core,
         mountpoint: config.mountpoint.clone(),
         session,
+        _zerocopy: zerocopy,
     };
     if config.data_path == DataPath::Passthrough && mounted.data_mode() != DataMode::Passthrough {
         let _ = mounted.unmount();

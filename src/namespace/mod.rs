@@ -283,8 +283,52 @@ impl Namespace {
         now: SystemTime,
         dir: bool,
     ) -> Result<Ino, NsError> {
-        check_name(name)?;
         let ino = self.next_ino;
+        self.link_at(parent, name, owner, now, dir, ino)?;
+        self.next_ino += 1;
+        Ok(ino)
+    }
+
+    /// An inode number for a file that will be linked later
+    /// ([`Namespace::link_reserved`]); numbers are never reused.
+    pub fn reserve_ino(&mut self) -> Ino {
+        let ino = self.next_ino;
+        self.next_ino += 1;
+        ino
+    }
+
+    /// Links a sealed file under a number from [`Namespace::reserve_ino`]
+    /// (its bytes were written before it had a name).
+    pub fn link_reserved(
+        &mut self,
+        parent: Ino,
+        name: &OsStr,
+        ino: Ino,
+        owner: Owner,
+        now: SystemTime,
+    ) -> Result<(), NsError> {
+        if ino >= self.next_ino || self.inodes.contains_key(&ino) {
+            return Err(NsError::Invalid("inode number not reserved"));
+        }
+        self.link_at(parent, name, owner, now, false, ino)?;
+        self.files += 1;
+        self.get_mut(ino)?.kind = NodeKind::File {
+            state: FileState::Sealed,
+            writers: 0,
+        };
+        Ok(())
+    }
+
+    fn link_at(
+        &mut self,
+        parent: Ino,
+        name: &OsStr,
+        owner: Owner,
+        now: SystemTime,
+        dir: bool,
+        ino: Ino,
+    ) -> Result<(), NsError> {
+        check_name(name)?;
         let pdir = self.get_mut(parent)?;
         let entries = pdir.entries_mut()?;
         if entries.contains_key(name) {
@@ -293,7 +337,6 @@ impl Namespace {
         entries.insert(name.to_owned(), ino);
         pdir.mtime = now;
         pdir.ctime = now;
-        self.next_ino += 1;
         let kind = if dir {
             NodeKind::Dir {
                 entries: BTreeMap::new(),
@@ -324,7 +367,7 @@ impl Namespace {
                 lower: Lower::default(),
             },
         );
-        Ok(ino)
+        Ok(())
     }
 
     /// Removes the name of a regular file. The inode stays while handles are

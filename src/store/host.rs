@@ -245,6 +245,35 @@ impl HostFile {
         Ok(fd)
     }
 
+    /// A descriptor of its own on the backing file, for a process outside
+    /// the daemon (the zero-copy client maps it).
+    pub fn reopen(&self, writable: bool) -> io::Result<OwnedFd> {
+        let mode = if writable {
+            libc::O_RDWR
+        } else {
+            libc::O_RDONLY
+        };
+        // SAFETY: valid dirfd and C string; the fd is owned below.
+        let raw = cvt(unsafe {
+            libc::openat(
+                self.dir.fd.as_raw_fd(),
+                self.name.as_ptr(),
+                mode | libc::O_CLOEXEC,
+            )
+        })?;
+        // SAFETY: a fresh descriptor nobody else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+    }
+
+    /// Sizes the file to `len` bytes with its memory allocated now, so that
+    /// the tier's accounting sees it before anyone writes.
+    pub fn allocate(&self, len: u64) -> io::Result<()> {
+        let fd = self.fd()?;
+        // SAFETY: valid fd.
+        cvt(unsafe { libc::fallocate(fd.as_raw_fd(), 0, 0, len as libc::off_t) })?;
+        Ok(())
+    }
+
     /// Closes the backing file while nobody uses it; the bytes stay.
     fn close(&self) {
         lock_or_recover(&self.fd).take();

@@ -282,7 +282,7 @@ impl Kvfs {
         }
     }
 
-    fn found_owner(&self, ns: &Namespace) -> Owner {
+    pub(super) fn found_owner(&self, ns: &Namespace) -> Owner {
         let root = ns.get(crate::namespace::ROOT_INO);
         Owner {
             uid: root.map(|r| r.uid).unwrap_or(0),
