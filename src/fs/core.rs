@@ -252,6 +252,11 @@ impl Kvfs {
         Ok(())
     }
 
+    /// Is there an NVMe tier?
+    pub fn has_nvme(&self) -> bool {
+        self.lower.is_some()
+    }
+
     /// Is there any tier below the host tier?
     fn has_lower_tiers(&self) -> bool {
         self.lower.is_some() || self.remote.is_some()

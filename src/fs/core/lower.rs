@@ -143,6 +143,20 @@ impl Kvfs {
         Ok(())
     }
 
+    /// At unmount: waits (bounded) for queued flushes to NVMe. Returns the
+    /// number left.
+    pub fn drain_flushes(&self, limit: Duration) -> u64 {
+        let Some(lower) = &self.lower else { return 0 };
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = *lock(&lower.pending);
+            if left == 0 || Instant::now() > deadline {
+                return left;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Stops accepting flushes (at unmount), letting the thread end.
     pub fn stop_flusher(&self) {
         if let Some(lower) = &self.lower {

@@ -57,6 +57,8 @@ pub(super) struct Remote {
     backlog_bytes: AtomicU64,
     /// Tells this node's temporary keys from another node's.
     node: u64,
+    /// A job is running (taken off the queue, not finished).
+    busy: std::sync::atomic::AtomicBool,
 }
 
 /// Backoff of a job S3 did not answer.
@@ -101,6 +103,7 @@ impl Kvfs {
             uploaded: AtomicU64::new(0),
             backlog_bytes: AtomicU64::new(0),
             node: fastrand::u64(..),
+            busy: false.into(),
         });
         // Files recovered from NVMe may or may not be in S3 already.
         let files: Vec<Ino> = {
@@ -456,6 +459,22 @@ impl Kvfs {
         })
     }
 
+    /// At unmount: waits (bounded) until every queued S3 job is done, so
+    /// that files held only in memory reach S3. With an NVMe tier, files
+    /// already there are uploaded at the next mount instead. Returns the
+    /// jobs left undone.
+    pub fn drain_uploads(&self, limit: Duration) -> usize {
+        let Some(remote) = &self.remote else { return 0 };
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = lock(&remote.jobs).len() + usize::from(remote.busy.load(Ordering::Relaxed));
+            if left == 0 || Instant::now() > deadline {
+                return left;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Runs one job; `Err` with a transient error means "try again later".
     fn run_job(&self, job: &mut Job) -> std::result::Result<(), S3Error> {
         match job {
@@ -660,7 +679,10 @@ fn upload_loop(core: Weak<Kvfs>) {
             jobs.pop_front()
         };
         let Some(mut job) = next else { continue };
-        match k.run_job(&mut job) {
+        remote.busy.store(true, Ordering::Relaxed);
+        let res = k.run_job(&mut job);
+        remote.busy.store(false, Ordering::Relaxed);
+        match res {
             Ok(()) => {
                 backoff = RETRY_FIRST;
                 if let Job::Upload {
