@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod s3;
+
 /// The two data paths every filesystem test runs in.
 pub const MODES: [&str; 2] = ["passthrough", "fallback"];
 
@@ -17,6 +19,8 @@ pub struct KvfsMount {
     pub dir: tempfile::TempDir,
     pub mnt: PathBuf,
     child: Option<Child>,
+    /// Extra environment of the daemon (`start_env`), kept for `restart`.
+    envs: Vec<(String, String)>,
 }
 
 fn is_mounted(path: &Path) -> bool {
@@ -36,7 +40,13 @@ fn umount(path: &Path, flags: i32) {
 }
 
 /// Starts `kvfs mount MNT ARGS` in the foreground, logging into `dir`.
-fn spawn_daemon(dir: &Path, mnt: &Path, args: &[&str], host_only: bool) -> Child {
+fn spawn_daemon(
+    dir: &Path,
+    mnt: &Path,
+    args: &[&str],
+    host_only: bool,
+    envs: &[(String, String)],
+) -> Child {
     let log = std::fs::File::create(dir.join("kvfs.log")).expect("log file");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvfs"));
     if host_only {
@@ -51,6 +61,7 @@ fn spawn_daemon(dir: &Path, mnt: &Path, args: &[&str], host_only: bool) -> Child
         .args(args)
         .env("KVFS_LOG_LEVEL", "debug")
         .env("NO_COLOR", "1")
+        .envs(envs.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
@@ -62,12 +73,18 @@ impl KvfsMount {
     /// Mounts kvfs with `args` (e.g. `["--data-path", "fallback"]`) and
     /// waits until it serves requests.
     pub fn start(args: &[&str]) -> KvfsMount {
-        KvfsMount::launch(args, true)
+        KvfsMount::launch(args, true, Vec::new())
+    }
+
+    /// Like [`KvfsMount::start`], with extra environment variables for the
+    /// daemon (kept for [`KvfsMount::restart`]).
+    pub fn start_env(args: &[&str], envs: &[(String, String)]) -> KvfsMount {
+        KvfsMount::launch(args, true, envs.to_vec())
     }
 
     /// Mounts in a fresh temp dir; `host_only` keeps the NVMe tier off
     /// unless `args` name one.
-    fn launch(args: &[&str], host_only: bool) -> KvfsMount {
+    fn launch(args: &[&str], host_only: bool, envs: Vec<(String, String)>) -> KvfsMount {
         assert!(
             Path::new("/dev/fuse").exists(),
             "these tests need /dev/fuse (the kernel's FUSE) and root"
@@ -78,11 +95,12 @@ impl KvfsMount {
             .expect("temp dir");
         let mnt = dir.path().join("mnt");
         std::fs::create_dir(&mnt).expect("mkdir mountpoint");
-        let child = spawn_daemon(dir.path(), &mnt, args, host_only);
+        let child = spawn_daemon(dir.path(), &mnt, args, host_only, &envs);
         let mut m = KvfsMount {
             dir,
             mnt,
             child: Some(child),
+            envs,
         };
         m.wait_mounted();
         m
@@ -90,7 +108,7 @@ impl KvfsMount {
 
     /// Mounts with every embedded default, the NVMe tier's directory too.
     pub fn start_with_defaults(args: &[&str]) -> KvfsMount {
-        KvfsMount::launch(args, false)
+        KvfsMount::launch(args, false, Vec::new())
     }
 
     pub fn with_mode(mode: &str, extra: &[&str]) -> KvfsMount {
@@ -134,7 +152,13 @@ impl KvfsMount {
         if let Some(status) = self.stop() {
             assert!(status.success(), "kvfs exited with {status}");
         }
-        self.child = Some(spawn_daemon(self.dir.path(), &self.mnt, args, true));
+        self.child = Some(spawn_daemon(
+            self.dir.path(),
+            &self.mnt,
+            args,
+            true,
+            &self.envs,
+        ));
         self.wait_mounted();
     }
 

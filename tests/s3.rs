@@ -1,0 +1,638 @@
+//! The S3 tier against a real S3 server (s3s-fs on 127.0.0.1), through the
+//! kernel's FUSE: write-back of the connectors' store patterns, S3-only
+//! files after a restart, two nodes sharing a bucket, readdir merging,
+//! outages, bad settings, durability `remote` and NVMe eviction to S3.
+//! The bucket is always checked with the tests' own aws-sdk-s3 client.
+
+mod common;
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::s3::{self, BUCKET, S3Server};
+use common::{KvfsMount, cstr, err_of, errno};
+
+/// Deterministic, file-specific contents.
+fn block(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn crc_hex(data: &[u8]) -> String {
+    format!("{:08x}", crc32c::crc32c(data))
+}
+
+fn mount(srv: &S3Server, prefix: &str, extra: &[&str]) -> KvfsMount {
+    KvfsMount::start_env(&refs(&args(srv, prefix, extra)), &srv.env())
+}
+
+/// `kvfs mount` arguments for the server's bucket under `prefix`, then `extra`.
+fn args(srv: &S3Server, prefix: &str, extra: &[&str]) -> Vec<String> {
+    let mut v = srv.args(prefix);
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
+fn refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// A directory on a disk filesystem, as an NVMe tier would be.
+fn disk_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("kvfs-nvme-")
+        .tempdir_in("/var/tmp")
+        .expect("temp dir on disk")
+}
+
+/// `user.kvfs.tier` of a file, through getxattr(2).
+fn tier(p: &Path) -> String {
+    let c = cstr(p);
+    let name = c"user.kvfs.tier";
+    let mut buf = [0u8; 256];
+    // SAFETY: valid C strings and a buffer of the given length.
+    let n = unsafe {
+        libc::getxattr(
+            c.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    assert!(n >= 0, "getxattr {}: errno {}", p.display(), errno());
+    String::from_utf8_lossy(&buf[..n as usize]).into_owned()
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `secs`.
+fn poll<T>(secs: u64, what: impl Fn() -> String, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out: {}", what());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until `key` holds exactly `data`, with its CRC32C in the metadata.
+fn wait_object(srv: &S3Server, key: &str, data: &[u8], secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let last = match srv.get(key) {
+            None => "absent".to_string(),
+            Some((got, meta)) if got == data => {
+                let crc = meta.get("kvfs-crc32c").cloned().unwrap_or_default();
+                assert_eq!(crc, crc_hex(data), "kvfs-crc32c of {key}");
+                return;
+            }
+            Some((got, _)) => format!("{} bytes, different", got.len()),
+        };
+        assert!(
+            Instant::now() < deadline,
+            "object {key} never matched within {secs} s (last: {last})"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn s3_status(m: &KvfsMount) -> serde_json::Value {
+    m.status()["s3"].clone()
+}
+
+/// Waits until the status counts `n` uploaded files.
+fn wait_uploaded(m: &KvfsMount, n: u64, secs: u64) {
+    poll(
+        secs,
+        || format!("uploads stalled: {}\n{}", m.status(), m.log()),
+        || (s3_status(m)["uploaded_files"].as_u64() >= Some(n)).then_some(()),
+    );
+}
+
+/// The llm-d connector's store: a temp name, one write, rename while the fd
+/// is still open, then close.
+fn store_llmd(final_path: &Path, data: &[u8]) {
+    let tmp = final_path.with_file_name(format!(
+        "{}_{:08x}.tmp",
+        final_path.file_name().unwrap().to_string_lossy(),
+        fastrand::u32(..)
+    ));
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .unwrap();
+    assert_eq!(f.write(data).unwrap(), data.len(), "one whole write");
+    fs::rename(&tmp, final_path).unwrap();
+    drop(f);
+}
+
+/// A page-aligned copy of `data`, for O_DIRECT.
+struct Aligned {
+    buf: Vec<u8>,
+    off: usize,
+    len: usize,
+}
+
+impl Aligned {
+    fn new(data: &[u8]) -> Aligned {
+        let mut buf = vec![0u8; data.len() + 4096];
+        let off = buf.as_ptr().align_offset(4096);
+        buf[off..off + data.len()].copy_from_slice(data);
+        Aligned {
+            buf,
+            off,
+            len: data.len(),
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.buf[self.off..self.off + self.len]
+    }
+}
+
+/// vLLM's file tier: O_DIRECT create of a temp name, one write of the
+/// whole block, close, rename.
+fn store_vllm(final_path: &Path, data: &[u8]) {
+    assert_eq!(data.len() % 4096, 0);
+    let tmp = final_path.with_file_name(format!(
+        "{}_{:08x}.tmp",
+        final_path.file_name().unwrap().to_string_lossy(),
+        fastrand::u32(..)
+    ));
+    let buf = Aligned::new(data);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .truncate(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&tmp)
+        .unwrap();
+    assert_eq!(f.write(buf.bytes()).unwrap(), data.len(), "one whole write");
+    drop(f);
+    fs::rename(&tmp, final_path).unwrap();
+}
+
+// 1. Write-back of both connectors' store patterns.
+#[test]
+fn write_back_of_both_store_patterns() {
+    let srv = S3Server::start();
+    let m = mount(&srv, "kv/wb", &[]);
+    fs::create_dir_all(m.path("model/r0")).unwrap();
+    let a = block(1, 1 << 20);
+    let b = block(2, 12 << 20); // above one part: multipart
+    store_llmd(&m.path("model/r0/a.bin"), &a);
+    store_vllm(&m.path("model/r0/b.bin"), &b);
+    wait_object(&srv, "kv/wb/model/r0/a.bin", &a, 30);
+    wait_object(&srv, "kv/wb/model/r0/b.bin", &b, 30);
+    // The temp names never stay in the bucket.
+    poll(
+        10,
+        || format!("temp keys remain: {:?}", srv.keys("kv/wb/")),
+        || {
+            let keys = srv.keys("kv/wb/");
+            (keys == ["kv/wb/model/r0/a.bin", "kv/wb/model/r0/b.bin"]).then_some(())
+        },
+    );
+    for name in ["a.bin", "b.bin"] {
+        let p = m.path(&format!("model/r0/{name}"));
+        poll(
+            10,
+            || format!("{name} tier: {}", tier(&p)),
+            || tier(&p).split(',').any(|t| t == "s3").then_some(()),
+        );
+    }
+    wait_uploaded(&m, 2, 10);
+    let st = s3_status(&m);
+    assert_eq!(st["bucket"], BUCKET, "{st}");
+    // Reads on the mount still give the bytes.
+    assert_eq!(fs::read(m.path("model/r0/a.bin")).unwrap(), a);
+    assert_eq!(fs::read(m.path("model/r0/b.bin")).unwrap(), b);
+}
+
+// 2a. Host tier only: a restart loses memory, S3 still has the file.
+#[test]
+fn s3_only_file_after_a_restart_without_nvme() {
+    let srv = S3Server::start();
+    let extra = ["--nvme-dir", "none"];
+    let mut m = mount(&srv, "kv/restart", &extra);
+    fs::create_dir(m.path("d")).unwrap();
+    let small = block(3, 1 << 20);
+    let big = block(4, 20 << 20); // several ranged GETs
+    store_llmd(&m.path("d/small.bin"), &small);
+    store_llmd(&m.path("d/big.bin"), &big);
+    wait_uploaded(&m, 2, 30);
+    wait_object(&srv, "kv/restart/d/small.bin", &small, 5);
+    wait_object(&srv, "kv/restart/d/big.bin", &big, 5);
+    m.restart(&refs(&args(&srv, "kv/restart", &extra)));
+    assert_eq!(fs::metadata(m.path("d/small.bin")).unwrap().len(), 1 << 20);
+    assert_eq!(fs::metadata(m.path("d/big.bin")).unwrap().len(), 20 << 20);
+    assert_eq!(tier(&m.path("d/big.bin")), "s3");
+    assert!(fs::read(m.path("d/big.bin")).unwrap() == big);
+    assert!(fs::read(m.path("d/small.bin")).unwrap() == small);
+    let names = sorted_names(&m.path("d"));
+    assert_eq!(names, ["big.bin", "small.bin"]);
+}
+
+// 2b. With an NVMe tier whose directory is wiped between mounts.
+#[test]
+fn s3_only_file_after_wiping_the_nvme_dir() {
+    let srv = S3Server::start();
+    let nvme = disk_dir();
+    let extra = ["--nvme-dir", nvme.path().to_str().unwrap()];
+    let mut m = mount(&srv, "kv/wipe", &extra);
+    let data: Vec<Vec<u8>> = (0..3).map(|i| block(10 + i, 1 << 20)).collect();
+    for (i, d) in data.iter().enumerate() {
+        store_llmd(&m.path(&format!("f{i}.bin")), d);
+    }
+    wait_uploaded(&m, 3, 30);
+    if let Some(status) = m.stop() {
+        assert!(status.success(), "kvfs exited with {status}");
+    }
+    for e in fs::read_dir(nvme.path()).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            fs::remove_dir_all(&p).unwrap();
+        } else {
+            fs::remove_file(&p).unwrap();
+        }
+    }
+    m.restart(&refs(&args(&srv, "kv/wipe", &extra)));
+    for (i, d) in data.iter().enumerate() {
+        let p = m.path(&format!("f{i}.bin"));
+        assert_eq!(fs::metadata(&p).unwrap().len(), 1 << 20);
+        assert!(fs::read(&p).unwrap() == *d, "f{i}.bin differs");
+    }
+}
+
+fn sorted_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+// 3. Two nodes on one bucket and prefix.
+#[test]
+fn two_nodes_share_the_bucket() {
+    let srv = S3Server::start();
+    let ttl = ["--s3-cache-ttl", "1s"];
+    let a = mount(&srv, "kv/shared", &ttl);
+    let b = mount(&srv, "kv/shared", &ttl);
+    fs::create_dir_all(a.path("m/g0")).unwrap();
+    let x = block(20, 2 << 20);
+    store_llmd(&a.path("m/g0/x.bin"), &x);
+    wait_object(&srv, "kv/shared/m/g0/x.bin", &x, 30);
+    // B finds it by name (stat), reads it, and lists it.
+    let md = poll(
+        10,
+        || "B never found m/g0/x.bin".into(),
+        || fs::metadata(b.path("m/g0/x.bin")).ok(),
+    );
+    assert_eq!(md.len(), x.len() as u64);
+    assert!(fs::read(b.path("m/g0/x.bin")).unwrap() == x);
+    assert_eq!(sorted_names(&b.path("m/g0")), ["x.bin"]);
+    assert_eq!(sorted_names(&b.path("m")), ["g0"]);
+
+    // Unlink on A: B sees ENOENT within a few seconds.
+    fs::remove_file(a.path("m/g0/x.bin")).unwrap();
+    poll(
+        10,
+        || format!("key still there: {:?}", srv.keys("kv/shared/")),
+        || (!srv.exists("kv/shared/m/g0/x.bin")).then_some(()),
+    );
+    poll(
+        10,
+        || "B still sees the unlinked file".into(),
+        || (fs::metadata(b.path("m/g0/x.bin")).is_err()).then_some(()),
+    );
+    assert_eq!(err_of(fs::metadata(b.path("m/g0/x.bin"))), libc::ENOENT);
+    assert_eq!(err_of(fs::read(b.path("m/g0/x.bin"))), libc::ENOENT);
+
+    // Rename on A of an uploaded file: the key moves, B reads the new name.
+    let y = block(21, 1 << 20);
+    store_llmd(&a.path("m/g0/y.bin"), &y);
+    wait_object(&srv, "kv/shared/m/g0/y.bin", &y, 30);
+    poll(
+        10,
+        || format!("y.bin tier on A: {}", tier(&a.path("m/g0/y.bin"))),
+        || tier(&a.path("m/g0/y.bin")).contains("s3").then_some(()),
+    );
+    fs::rename(a.path("m/g0/y.bin"), a.path("m/g0/z.bin")).unwrap();
+    wait_object(&srv, "kv/shared/m/g0/z.bin", &y, 30);
+    poll(
+        10,
+        || format!("old key remains: {:?}", srv.keys("kv/shared/")),
+        || (!srv.exists("kv/shared/m/g0/y.bin")).then_some(()),
+    );
+    let got = poll(
+        10,
+        || "B cannot read z.bin".into(),
+        || fs::read(b.path("m/g0/z.bin")).ok(),
+    );
+    assert!(got == y, "B read other bytes for z.bin");
+    poll(
+        10,
+        || "B still sees y.bin".into(),
+        || (fs::metadata(b.path("m/g0/y.bin")).is_err()).then_some(()),
+    );
+}
+
+// 4. readdir merges local names with the bucket's; a damaged object is
+// never data.
+#[test]
+fn readdir_merges_local_and_s3_and_never_serves_a_bad_object() {
+    let srv = S3Server::start();
+    let x = block(30, 1 << 20);
+    let y = block(31, 64 << 10);
+    srv.put("kv/merge/d/x.bin", &x, &[("kvfs-crc32c", &crc_hex(&x))]);
+    srv.put("kv/merge/d/sub/y.bin", &y, &[("kvfs-crc32c", &crc_hex(&y))]);
+    let bad = block(32, 256 << 10);
+    srv.put("kv/merge/d/bad.bin", &bad, &[("kvfs-crc32c", "deadbeef")]);
+    let m = mount(&srv, "kv/merge", &[]);
+    fs::create_dir(m.path("d")).unwrap_or_else(|e| {
+        // The bucket already has the directory: the mount may show it.
+        assert_eq!(e.raw_os_error(), Some(libc::EEXIST), "mkdir d: {e}");
+    });
+    let z = block(33, 1 << 20);
+    store_llmd(&m.path("d/z.bin"), &z);
+    let names = sorted_names(&m.path("d"));
+    for want in ["sub", "x.bin", "z.bin"] {
+        assert!(names.iter().any(|n| n == want), "ls d: {names:?}");
+    }
+    assert!(m.path("d/sub").is_dir());
+    assert_eq!(sorted_names(&m.path("d/sub")), ["y.bin"]);
+    assert!(fs::read(m.path("d/x.bin")).unwrap() == x);
+    assert!(fs::read(m.path("d/sub/y.bin")).unwrap() == y);
+    assert!(fs::read(m.path("d/z.bin")).unwrap() == z);
+    // The damaged object: an error (EIO) or a vanished name, never bytes.
+    for _ in 0..2 {
+        match fs::read(m.path("d/bad.bin")) {
+            Ok(got) => panic!(
+                "read of an object with a wrong checksum returned {} bytes",
+                got.len()
+            ),
+            Err(e) => {
+                let code = e.raw_os_error();
+                assert!(
+                    code == Some(libc::EIO) || code == Some(libc::ENOENT),
+                    "read d/bad.bin: {e}"
+                );
+            }
+        }
+    }
+}
+
+// 5. An S3 outage: writes and reads go on, the backlog arrives afterwards.
+#[test]
+fn outage_then_the_backlog_arrives() {
+    let mut srv = S3Server::start();
+    let m = mount(&srv, "kv/outage", &[]);
+    let first = block(40, 256 << 10);
+    store_llmd(&m.path("first.bin"), &first);
+    wait_object(&srv, "kv/outage/first.bin", &first, 30);
+    srv.stop();
+    let data: Vec<Vec<u8>> = (0..20).map(|i| block(100 + i, 256 << 10)).collect();
+    for (i, d) in data.iter().enumerate() {
+        store_llmd(&m.path(&format!("f{i:02}.bin")), d);
+    }
+    for (i, d) in data.iter().enumerate() {
+        assert!(
+            fs::read(m.path(&format!("f{i:02}.bin"))).unwrap() == *d,
+            "local read of f{i:02}.bin"
+        );
+    }
+    poll(
+        15,
+        || format!("status never showed the outage: {}", m.status()),
+        || {
+            let st = s3_status(&m);
+            (st["healthy"] == false || st["backlog_jobs"].as_u64() > Some(0)).then_some(())
+        },
+    );
+    srv.start_again();
+    for (i, d) in data.iter().enumerate() {
+        wait_object(&srv, &format!("kv/outage/f{i:02}.bin"), d, 60);
+    }
+    poll(
+        20,
+        || format!("backlog never drained: {}", m.status()),
+        || {
+            let st = s3_status(&m);
+            (st["healthy"] == true && st["backlog_jobs"].as_u64() == Some(0)).then_some(())
+        },
+    );
+    let mut keys = srv.keys("kv/outage/");
+    keys.sort();
+    assert_eq!(keys.len(), 21, "{keys:?}");
+}
+
+/// Runs `kvfs mount` in the foreground expecting a failure: its exit
+/// status, stderr and how long it took.
+fn failing_mount(args: &[&str], envs: &[(String, String)]) -> (std::process::ExitStatus, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kvfs"))
+        .arg("mount")
+        .arg(&mnt)
+        .args(args)
+        .env("KVFS_NVME_DIR", "none")
+        .env("NO_COLOR", "1")
+        .env("KVFS_LOG_LEVEL", "warn")
+        .envs(envs.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let c = cstr(&mnt);
+            // SAFETY: a valid C string.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            panic!("kvfs mount {args:?} did not fail within 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    use std::io::Read;
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    (status, err)
+}
+
+/// The one `kvfs: ...` line of a failed mount.
+fn error_line(err: &str) -> String {
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("kvfs:")).collect();
+    assert_eq!(lines.len(), 1, "expected one error line, stderr:\n{err}");
+    lines[0].to_string()
+}
+
+// 6. Settings that cannot work fail the mount quickly and say why.
+#[test]
+fn bad_settings_fail_the_mount_with_one_line() {
+    let srv = S3Server::start();
+    let endpoint = srv.endpoint();
+    let closed = format!("http://127.0.0.1:{}", s3::free_port());
+    let check =
+        |what: &str, bucket: &str, endpoint: &str, env: &[(String, String)], words: &[&str]| {
+            let args = [
+                "--s3-bucket",
+                bucket,
+                "--s3-endpoint",
+                endpoint,
+                "--s3-region",
+                "us-east-1",
+                "--s3-path-style",
+            ];
+            let (status, err) = failing_mount(&args, env);
+            assert!(!status.success(), "{what}: kvfs mount succeeded");
+            let line = error_line(&err);
+            for w in words {
+                assert!(line.contains(w), "{what}: {line:?} does not say {w:?}");
+            }
+        };
+    check(
+        "missing bucket",
+        "no-such-bucket",
+        &endpoint,
+        &srv.env(),
+        &["no-such-bucket", "does not exist"],
+    );
+    check(
+        "unreachable endpoint",
+        BUCKET,
+        &closed,
+        &srv.env(),
+        &["unreachable"],
+    );
+    check(
+        "bad credentials",
+        BUCKET,
+        &endpoint,
+        &s3::env_with("wrongkey", "wrongsecret"),
+        &["credentials"],
+    );
+}
+
+// 6b. --s3-lazy: an unreachable endpoint does not stop the mount.
+#[test]
+fn lazy_mount_comes_up_with_s3_down() {
+    let port = s3::free_port();
+    let args = [
+        "--s3-bucket",
+        BUCKET,
+        "--s3-endpoint",
+        &format!("http://127.0.0.1:{port}"),
+        "--s3-region",
+        "us-east-1",
+        "--s3-path-style",
+        "--s3-lazy",
+    ]
+    .map(String::from);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let m = KvfsMount::start_env(&args, &s3::env_with(s3::ACCESS_KEY, s3::SECRET_KEY));
+    let st = s3_status(&m);
+    assert_eq!(st["healthy"], false, "{st}");
+    // The mount works locally.
+    let d = block(50, 64 << 10);
+    fs::write(m.path("a.bin"), &d).unwrap();
+    assert!(fs::read(m.path("a.bin")).unwrap() == d);
+    assert_eq!(s3_status(&m)["healthy"], false);
+}
+
+// 7. --durability remote: fsync returns once the object is in S3.
+#[test]
+#[ignore = "kvfs bug: with durability remote, fsync of a file still open for writing returns before any upload"]
+fn durability_remote_fsync_means_in_s3() {
+    let srv = S3Server::start();
+    let m = mount(&srv, "kv/durable", &["--durability", "remote"]);
+    // fsync while the writer is still open (write, fsync, close).
+    let a = block(60, 3 << 20);
+    let mut f = fs::File::create(m.path("a.bin")).unwrap();
+    f.write_all(&a).unwrap();
+    f.sync_all().unwrap();
+    let got = srv.get("kv/durable/a.bin");
+    drop(f);
+    let (bytes, meta) = got.expect("kv/durable/a.bin not in S3 when fsync returned");
+    assert!(bytes == a, "object differs");
+    assert_eq!(meta.get("kvfs-crc32c"), Some(&crc_hex(&a)));
+}
+
+// 7b. fsync of a file reopened after it was closed (sealed).
+#[test]
+fn durability_remote_fsync_of_a_sealed_file() {
+    let srv = S3Server::start();
+    let m = mount(&srv, "kv/durable2", &["--durability", "remote"]);
+    let b = block(61, 1 << 20);
+    store_llmd(&m.path("b.bin"), &b);
+    let f = fs::File::open(m.path("b.bin")).unwrap();
+    f.sync_all().unwrap();
+    let (bytes, meta) = srv
+        .get("kv/durable2/b.bin")
+        .expect("kv/durable2/b.bin not in S3 when fsync returned");
+    assert!(bytes == b, "object differs");
+    assert_eq!(meta.get("kvfs-crc32c"), Some(&crc_hex(&b)));
+}
+
+// 8. NVMe eviction demotes files to S3 only; they still read back.
+#[test]
+fn nvme_eviction_demotes_to_s3_only() {
+    let srv = S3Server::start();
+    let nvme = disk_dir();
+    let m = mount(
+        &srv,
+        "kv/evict",
+        &[
+            "--host-capacity",
+            "4MiB",
+            "--nvme-dir",
+            nvme.path().to_str().unwrap(),
+            "--nvme-capacity",
+            "8MiB",
+        ],
+    );
+    let data: Vec<Vec<u8>> = (0..12).map(|i| block(200 + i, 1 << 20)).collect();
+    for (i, d) in data.iter().enumerate() {
+        store_llmd(&m.path(&format!("f{i:02}.bin")), d);
+        wait_object(&srv, &format!("kv/evict/f{i:02}.bin"), d, 30);
+    }
+    let tiers: Vec<String> = (0..12)
+        .map(|i| tier(&m.path(&format!("f{i:02}.bin"))))
+        .collect();
+    assert!(
+        tiers.iter().any(|t| t == "s3"),
+        "no file is S3-only: {tiers:?}\n{}",
+        m.status()
+    );
+    for (i, d) in data.iter().enumerate() {
+        let got = fs::read(m.path(&format!("f{i:02}.bin"))).unwrap();
+        assert!(got == *d, "f{i:02}.bin differs (tiers {tiers:?})");
+    }
+}
