@@ -541,6 +541,27 @@ fn bad_settings_fail_the_mount_with_one_line() {
     );
 }
 
+// 6a. The one line says its reason once.
+#[test]
+#[ignore = "kvfs bug: a mount's S3 error line repeats its reason (\"S3 tier: X: X\")"]
+fn bad_settings_line_says_its_reason_once() {
+    let srv = S3Server::start();
+    let args = [
+        "--s3-bucket",
+        "no-such-bucket",
+        "--s3-endpoint",
+        &srv.endpoint(),
+        "--s3-region",
+        "us-east-1",
+        "--s3-path-style",
+    ]
+    .map(String::from);
+    let (status, err) = failing_mount(&refs(&args), &srv.env());
+    assert!(!status.success());
+    let line = error_line(&err);
+    assert_eq!(line.matches("does not exist").count(), 1, "{line:?}");
+}
+
 // 6b. --s3-lazy: an unreachable endpoint does not stop the mount.
 #[test]
 fn lazy_mount_comes_up_with_s3_down() {
