@@ -31,6 +31,13 @@ pub enum PathSel {
     All,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ZcMode {
+    Register,
+    Copy,
+}
+
 #[derive(Clone, Debug, clap::Args)]
 pub struct BenchArgs {
     /// The kvfs mount point (fuse, zerocopy; gds stores through it too).
@@ -86,6 +93,10 @@ pub struct BenchArgs {
     /// Background threads preparing zero-copy slots.
     #[arg(long, default_value_t = 8)]
     pub zc_prefetch_threads: usize,
+    /// register: DMA straight into the registered mapping; copy: map only,
+    /// and move the bytes between the mapping and pinned staging with the CPU.
+    #[arg(long, value_enum, default_value = "register")]
+    pub zc_mode: ZcMode,
     #[arg(long, default_value_t = 0)]
     pub device: i32,
     #[arg(long, default_value_t = 1)]
@@ -457,7 +468,13 @@ impl Bench<'_> {
         )
     }
 
-    fn zc_store(&self, client: &Arc<Client>, rel: &str) -> Result<(Duration, Times), GpuError> {
+    fn zc_store(
+        &self,
+        client: &Arc<Client>,
+        rel: &str,
+        pool: &StagingPool,
+    ) -> Result<(Duration, Times), GpuError> {
+        let register = self.args.zc_mode == ZcMode::Register;
         let pre = (self.args.zc_prefetch > 0).then(|| {
             zc::SlotPrefetcher::start(
                 client.clone(),
@@ -466,6 +483,7 @@ impl Bench<'_> {
                 self.args.zc_prefetch,
                 self.args.zc_prefetch_threads,
                 self.args.blocks,
+                register,
             )
         });
         let r = self.run_blocks(
@@ -474,17 +492,28 @@ impl Bench<'_> {
                 let t0 = Instant::now();
                 let slot = match &pre {
                     Some(p) => p.take()?,
-                    None => zc::prepare_slot(client, &self.ctx, self.file_bytes)?,
+                    None => zc::prepare_slot(client, &self.ctx, self.file_bytes, register)?,
                 };
                 let t1 = Instant::now();
                 let name = format!("{rel}/{}", block_name(f));
-                let done = self
-                    .dma_all(s, f, Buf::Host(slot.ptr()), Dir::ToBuf)
-                    .and_then(|()| {
-                        client
-                            .commit(slot.id, &name)
-                            .map_err(|e| GpuError::Zerocopy(format!("commit {name}: {e}")))
-                    });
+                let moved = if register {
+                    self.dma_all(s, f, Buf::Host(slot.ptr()), Dir::ToBuf)
+                } else {
+                    let buf = pool.acquire();
+                    self.dma_all(s, f, Buf::Host(buf.as_ptr()), Dir::ToBuf)
+                        .map(|()| {
+                            // SAFETY: the slot maps file_bytes writable bytes that
+                            // nothing else touches until commit.
+                            let dst =
+                                unsafe { std::slice::from_raw_parts_mut(slot.ptr(), slot.len()) };
+                            dst.copy_from_slice(&buf.as_slice()[..slot.len()]);
+                        })
+                };
+                let done = moved.and_then(|()| {
+                    client
+                        .commit(slot.id, &name)
+                        .map_err(|e| GpuError::Zerocopy(format!("commit {name}: {e}")))
+                });
                 if done.is_err() {
                     let _ = client.abort(slot.id);
                 }
@@ -504,13 +533,19 @@ impl Bench<'_> {
         r
     }
 
-    fn zc_load(&self, client: &Client, rel: &str) -> Result<(Duration, Times), GpuError> {
+    fn zc_load(
+        &self,
+        client: &Client,
+        rel: &str,
+        pool: &StagingPool,
+    ) -> Result<(Duration, Times), GpuError> {
+        let register = self.args.zc_mode == ZcMode::Register;
         self.run_blocks(
             || Ok(()),
             |_, s, f, t| {
                 let t0 = Instant::now();
                 let name = format!("{rel}/{}", block_name(f));
-                let file = zc::OpenFile::open(client, &self.ctx, &name)?;
+                let file = zc::OpenFile::open(client, &self.ctx, &name, register)?;
                 let t1 = Instant::now();
                 let r = if file.size != self.file_bytes {
                     Err(GpuError::Short {
@@ -519,8 +554,12 @@ impl Bench<'_> {
                         expected: self.file_bytes,
                         got: file.size,
                     })
-                } else {
+                } else if register {
                     self.dma_all(s, f, Buf::Host(file.ptr().cast_mut()), Dir::ToDevice)
+                } else {
+                    let mut buf = pool.acquire();
+                    buf.as_mut_slice()[..file.bytes().len()].copy_from_slice(file.bytes());
+                    self.dma_all(s, f, Buf::Host(buf.as_ptr()), Dir::ToDevice)
                 };
                 let t2 = Instant::now();
                 let closed = file.close(client);
@@ -742,6 +781,8 @@ pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<Vec<BenchResult>, Gp
     emit(r, out, &mut results);
 
     let run_id = format!("kvfs-gpu-bench-{:08x}", fastrand::u32(..));
+    // Set when a failed load left the cache half overwritten.
+    let mut cache_dirty = false;
     let mut cleanup: Vec<PathBuf> = Vec::new();
 
     // The fuse-path client against a plain directory and against the mount.
@@ -783,22 +824,40 @@ pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<Vec<BenchResult>, Gp
                     Ok(cufile) => {
                         let mode = cufile.mode();
                         let groot = gds::data_root(g).join(&run_id).join("fuse");
-                        let waited = wait_flushed(
-                            &groot,
-                            args.blocks,
-                            file_bytes,
-                            Duration::from_secs(args.flush_timeout_s),
-                        )?;
-                        bench.zero_cache()?;
-                        let (d, t) = bench.gds_load(&cufile, &groot)?;
-                        bench.verify(&mut host, "gds")?;
-                        let mut r = bench.result("gds", "load", &groot.display().to_string(), d, t);
-                        r.verified = Some(true);
-                        r.detail = serde_json::json!({
-                            "cufile": mode,
-                            "library": cufile.loaded_from,
-                            "flush_wait_s": waited.as_secs_f64(),
-                        });
+                        let attempt = (|| {
+                            let waited = wait_flushed(
+                                &groot,
+                                args.blocks,
+                                file_bytes,
+                                Duration::from_secs(args.flush_timeout_s),
+                            )?;
+                            bench.zero_cache()?;
+                            let (d, t) = bench.gds_load(&cufile, &groot)?;
+                            bench.verify(&mut host, "gds")?;
+                            Ok::<_, GpuError>((waited, d, t))
+                        })();
+                        let r = match attempt {
+                            Ok((waited, d, t)) => {
+                                let mut r =
+                                    bench.result("gds", "load", &groot.display().to_string(), d, t);
+                                r.verified = Some(true);
+                                r.detail = serde_json::json!({
+                                    "cufile": mode,
+                                    "library": cufile.loaded_from,
+                                    "flush_wait_s": waited.as_secs_f64(),
+                                });
+                                r
+                            }
+                            // With every path asked for, one that cannot run
+                            // here is reported and the others still run.
+                            Err(e) if args.path == PathSel::All => {
+                                cache_dirty = true;
+                                let mut r = skipped("gds", "load", format!("failed: {e}"));
+                                r.detail = serde_json::json!({ "cufile": mode });
+                                r
+                            }
+                            Err(e) => return Err(e),
+                        };
                         emit(r, out, &mut results);
                     }
                 },
@@ -825,17 +884,21 @@ pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<Vec<BenchResult>, Gp
                 mkdir(&m.join(&rel))?;
                 cleanup.push(m.join(&run_id));
                 let detail = serde_json::json!({
+                    "mode": args.zc_mode,
                     "prefetch": args.zc_prefetch,
                     "prefetch_threads": args.zc_prefetch_threads,
                 });
-                // Every earlier load ended verified, so the cache holds the
-                // pattern again: no refill needed.
-                let (d, t) = bench.zc_store(&client, &rel)?;
+                // Every earlier load that succeeded ended verified, so the
+                // cache holds the pattern unless one failed midway.
+                if cache_dirty {
+                    bench.fill(&mut host)?;
+                }
+                let (d, t) = bench.zc_store(&client, &rel, &pool)?;
                 let mut r = bench.result("zerocopy", "store", &m.display().to_string(), d, t);
                 r.detail = detail.clone();
                 emit(r, out, &mut results);
                 bench.zero_cache()?;
-                let (d, t) = bench.zc_load(&client, &rel)?;
+                let (d, t) = bench.zc_load(&client, &rel, &pool)?;
                 bench.verify(&mut host, "zerocopy")?;
                 let mut r = bench.result("zerocopy", "load", &m.display().to_string(), d, t);
                 r.verified = Some(true);

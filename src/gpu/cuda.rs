@@ -270,86 +270,79 @@ impl Stream {
                 }
             };
         }
-        // SAFETY: an all-zero CUDA_MEMCPY3D is the documented starting point.
-        let mut p: sys::CUDA_MEMCPY3D = unsafe { std::mem::zeroed() };
-        let dev_side = |ty: &mut sys::CUmemorytype,
-                        ptr: &mut sys::CUdeviceptr,
-                        pitch: &mut usize,
-                        rows: &mut usize| {
-            *ty = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE;
-            *ptr = d.dev;
-            *pitch = d.dev_pitch as usize;
-            *rows = d.dev_rows as usize;
-        };
+        let host_type = sys::CUmemorytype::CU_MEMORYTYPE_HOST;
+        let dev_type = sys::CUmemorytype::CU_MEMORYTYPE_DEVICE;
+        // The buffer side: host pointer or device address.
         let (buf_type, buf_host, buf_dev) = match buf {
             // SAFETY: in bounds as the caller promised.
-            Buf::Host(h) => (
-                sys::CUmemorytype::CU_MEMORYTYPE_HOST,
-                unsafe { h.add(d.buf_off as usize) },
-                0,
-            ),
-            Buf::Device(p) => (
-                sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
-                std::ptr::null_mut(),
-                p + d.buf_off,
-            ),
+            Buf::Host(h) => (host_type, unsafe { h.add(d.buf_off as usize) }, 0),
+            Buf::Device(p) => (dev_type, std::ptr::null_mut(), p + d.buf_off),
         };
-        match dir {
-            Dir::ToBuf => {
-                dev_side(
-                    &mut p.srcMemoryType,
-                    &mut p.srcDevice,
-                    &mut p.srcPitch,
-                    &mut p.srcHeight,
-                );
-                p.dstMemoryType = buf_type;
-                p.dstHost = buf_host.cast();
-                p.dstDevice = buf_dev;
-                p.dstPitch = d.buf_pitch as usize;
-                p.dstHeight = d.buf_rows as usize;
-            }
-            Dir::ToDevice => {
-                dev_side(
-                    &mut p.dstMemoryType,
-                    &mut p.dstDevice,
-                    &mut p.dstPitch,
-                    &mut p.dstHeight,
-                );
-                p.srcMemoryType = buf_type;
-                p.srcHost = buf_host.cast_const().cast();
-                p.srcDevice = buf_dev;
-                p.srcPitch = d.buf_pitch as usize;
-                p.srcHeight = d.buf_rows as usize;
-            }
-        }
-        p.WidthInBytes = d.width as usize;
-        p.Height = d.height as usize;
-        p.Depth = d.depth as usize;
+        // (type, host pointer, device address, pitch, rows per slice) of
+        // source and destination.
+        let dev_end = (
+            dev_type,
+            std::ptr::null_mut::<u8>(),
+            d.dev,
+            d.dev_pitch,
+            d.dev_rows,
+        );
+        let buf_end = (buf_type, buf_host, buf_dev, d.buf_pitch, d.buf_rows);
+        let (src, dst) = match dir {
+            Dir::ToBuf => (dev_end, buf_end),
+            Dir::ToDevice => (buf_end, dev_end),
+        };
         if d.depth == 1 {
-            // The 2D entry point: same fields minus the slice ones.
             let q = sys::CUDA_MEMCPY2D {
                 srcXInBytes: 0,
                 srcY: 0,
-                srcMemoryType: p.srcMemoryType,
-                srcHost: p.srcHost,
-                srcDevice: p.srcDevice,
+                srcMemoryType: src.0,
+                srcHost: src.1.cast_const().cast(),
+                srcDevice: src.2,
                 srcArray: std::ptr::null_mut(),
-                srcPitch: p.srcPitch,
+                srcPitch: src.3 as usize,
                 dstXInBytes: 0,
                 dstY: 0,
-                dstMemoryType: p.dstMemoryType,
-                dstHost: p.dstHost,
-                dstDevice: p.dstDevice,
+                dstMemoryType: dst.0,
+                dstHost: dst.1.cast(),
+                dstDevice: dst.2,
                 dstArray: std::ptr::null_mut(),
-                dstPitch: p.dstPitch,
-                WidthInBytes: p.WidthInBytes,
-                Height: p.Height,
+                dstPitch: dst.3 as usize,
+                WidthInBytes: d.width as usize,
+                Height: d.height as usize,
             };
             // SAFETY: in bounds as the caller promised.
             return check("cuMemcpy2DAsync", unsafe {
                 sys::cuMemcpy2DAsync_v2(&q, self.raw)
             });
         }
+        let p = sys::CUDA_MEMCPY3D {
+            srcXInBytes: 0,
+            srcY: 0,
+            srcZ: 0,
+            srcLOD: 0,
+            srcMemoryType: src.0,
+            srcHost: src.1.cast_const().cast(),
+            srcDevice: src.2,
+            srcArray: std::ptr::null_mut(),
+            reserved0: std::ptr::null_mut(),
+            srcPitch: src.3 as usize,
+            srcHeight: src.4 as usize,
+            dstXInBytes: 0,
+            dstY: 0,
+            dstZ: 0,
+            dstLOD: 0,
+            dstMemoryType: dst.0,
+            dstHost: dst.1.cast(),
+            dstDevice: dst.2,
+            dstArray: std::ptr::null_mut(),
+            reserved1: std::ptr::null_mut(),
+            dstPitch: dst.3 as usize,
+            dstHeight: dst.4 as usize,
+            WidthInBytes: d.width as usize,
+            Height: d.height as usize,
+            Depth: d.depth as usize,
+        };
         // SAFETY: in bounds as the caller promised.
         check("cuMemcpy3DAsync", unsafe {
             sys::cuMemcpy3DAsync_v2(&p, self.raw)

@@ -82,6 +82,27 @@ pub struct GdsMode {
     pub properties_error: Option<String>,
 }
 
+/// Names of the cuFile errors a caller can act on (cufile.h, `CUfileOpError`).
+fn op_error(code: c_int) -> String {
+    let name = match code {
+        5001 => "driver not initialized",
+        5008 => "I/O not supported",
+        5018 => "invalid file type",
+        5019 => "invalid file open flag",
+        5020 => "O_DIRECT not set",
+        5027 => {
+            "file handle not registered: cuFile could not set up this file; its cufile.log says why"
+        }
+        5030 => "internal error",
+        _ => "",
+    };
+    if name.is_empty() {
+        format!("error {code}")
+    } else {
+        format!("error {code} ({name})")
+    }
+}
+
 fn dlerror() -> String {
     // SAFETY: dlerror returns NULL or a thread-local NUL-terminated string.
     let e = unsafe { libc::dlerror() };
@@ -170,8 +191,9 @@ impl CuFile {
         let e = unsafe { open() };
         if e.err != 0 {
             return Err(GpuError::Gds(format!(
-                "cuFileDriverOpen failed: cuFile error {} (CUDA {})",
-                e.err, e.cu_err
+                "cuFileDriverOpen failed: {} (CUDA {})",
+                op_error(e.err),
+                e.cu_err
             )));
         }
         Ok(f)
@@ -214,7 +236,10 @@ impl CuFile {
         // SAFETY: dev is a live device allocation of at least len bytes.
         let e = unsafe { (self.buf_register)(dev as *const c_void, len, 0) };
         if e.err != 0 {
-            return Err(GpuError::Gds(format!("cuFileBufRegister: error {}", e.err)));
+            return Err(GpuError::Gds(format!(
+                "cuFileBufRegister: {}",
+                op_error(e.err)
+            )));
         }
         Ok(())
     }
@@ -257,9 +282,9 @@ impl CuFile {
         let e = unsafe { (self.handle_register)(&mut fh, &mut descr) };
         if e.err != 0 {
             return Err(GpuError::Gds(format!(
-                "cuFileHandleRegister {}: error {} (CUDA {})",
+                "cuFileHandleRegister {}: {} (CUDA {})",
                 path.display(),
-                e.err,
+                op_error(e.err),
                 e.cu_err
             )));
         }

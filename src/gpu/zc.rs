@@ -8,6 +8,13 @@
 //! unregistered and unmapped on a reaper thread for the same reason. With a
 //! depth of 0 all of that happens on the I/O thread instead, which is how the
 //! bench measures what the pool is worth.
+//!
+//! Registration is not free: the driver pins every page, and on the H100
+//! machine it ran at roughly 10-20 GB/s for the whole process, below the
+//! copy engine's 55 GB/s. So a second mode maps without registering and has
+//! the I/O thread copy between the mapping and a pinned staging buffer with
+//! the CPU: one memory copy, but no FUSE and no pinning (docs/gpu.md has the
+//! figures of both).
 
 use std::ffi::c_void;
 use std::os::fd::AsRawFd;
@@ -108,16 +115,26 @@ impl ReadySlot {
     }
 }
 
-/// Allocates a slot of `size` bytes, maps it read-write and registers it.
-pub fn prepare_slot(client: &Client, ctx: &Arc<Context>, size: u64) -> Result<ReadySlot, GpuError> {
+/// Allocates a slot of `size` bytes, maps it read-write and, with
+/// `register`, registers it for DMA.
+pub fn prepare_slot(
+    client: &Client,
+    ctx: &Arc<Context>,
+    size: u64,
+    register: bool,
+) -> Result<ReadySlot, GpuError> {
     let t = Instant::now();
     let Slot { id, size: got, fd } = client.alloc(size).map_err(zc_err("alloc"))?;
     let result = (|| {
         let map = Mapping::new(&fd, got as usize, true)?;
-        // SAFETY: the mapping lives in the same ReadySlot and is dropped after.
-        let reg = unsafe { Registered::new(ctx, map.ptr().cast(), map.len(), false)? };
+        let reg = if register {
+            // SAFETY: the mapping lives in the same ReadySlot and is dropped after.
+            Some(unsafe { Registered::new(ctx, map.ptr().cast(), map.len(), false)? })
+        } else {
+            None
+        };
         Ok(ReadySlot {
-            reg: Some(reg),
+            reg,
             map,
             id,
             prepare: t.elapsed(),
@@ -148,6 +165,7 @@ impl SlotPrefetcher {
         depth: usize,
         threads: usize,
         total: u64,
+        register: bool,
     ) -> SlotPrefetcher {
         use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
         let (tx, rx) = sync_channel(depth.max(1));
@@ -170,7 +188,7 @@ impl SlotPrefetcher {
                 while !stop.load(Ordering::Relaxed)
                     && issued.fetch_add(1, Ordering::Relaxed) < total
                 {
-                    let slot = prepare_slot(&client, &ctx, size);
+                    let slot = prepare_slot(&client, &ctx, size, register);
                     if let Err(std::sync::mpsc::SendError(Ok(unused))) = tx.send(slot) {
                         let _ = client.abort(unused.id);
                         unused.retire();
@@ -252,18 +270,29 @@ pub struct OpenFile {
 }
 
 impl OpenFile {
-    pub fn open(client: &Client, ctx: &Arc<Context>, path: &str) -> Result<OpenFile, GpuError> {
+    /// Opens `path` and maps it; with `register`, also registers the
+    /// mapping for DMA (else the caller copies out of it with the CPU).
+    pub fn open(
+        client: &Client,
+        ctx: &Arc<Context>,
+        path: &str,
+        register: bool,
+    ) -> Result<OpenFile, GpuError> {
         let Resident { handle, size, fd } = client.open(path).map_err(zc_err("open"))?;
         let t = Instant::now();
         let result = (|| {
             let map = Mapping::new(&fd, size as usize, false)?;
-            // SAFETY: the mapping lives in the same OpenFile and is dropped after.
-            let reg = unsafe { Registered::new(ctx, map.ptr().cast(), map.len(), true)? };
+            let reg = if register {
+                // SAFETY: the mapping lives in the same OpenFile and is dropped after.
+                Some(unsafe { Registered::new(ctx, map.ptr().cast(), map.len(), true)? })
+            } else {
+                None
+            };
             Ok((reg, map))
         })();
         match result {
             Ok((reg, map)) => Ok(OpenFile {
-                reg: Some(reg),
+                reg,
                 map,
                 handle,
                 size,
@@ -278,6 +307,11 @@ impl OpenFile {
 
     pub fn ptr(&self) -> *const u8 {
         self.map.ptr()
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: a live read-only mapping of map.len() bytes.
+        unsafe { std::slice::from_raw_parts(self.map.ptr(), self.map.len()) }
     }
 
     /// Unregisters, unmaps, then releases the daemon's handle.
