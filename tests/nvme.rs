@@ -263,3 +263,40 @@ fn the_embedded_default_nvme_dir_is_per_mount_point() {
     assert!(dir.join("data/f").is_file(), "no copy in {}", dir.display());
     m.stop();
 }
+
+/// An fsync while the file is still open puts a copy on NVMe; writes after
+/// it must reach NVMe too before the host may drop the file, or a later
+/// open would promote the older bytes.
+#[test]
+fn writes_after_an_fsync_reach_nvme_before_demotion() {
+    use std::io::{Seek, SeekFrom, Write};
+    let nvme = disk_dir();
+    let m = mount(nvme.path(), "4MiB", &["--durability", "local"]);
+    let len = 1 << 20;
+    let path = m.path("f.bin");
+    let mut f = fs::File::create(&path).unwrap();
+    f.write_all(&block(1, len)).unwrap();
+    f.sync_all().unwrap();
+    f.seek(SeekFrom::Start(0)).unwrap();
+    f.write_all(&block(2, len)).unwrap();
+    drop(f);
+    // Push it out of the host tier.
+    for i in 0..8 {
+        fs::write(m.path(&format!("other{i}.bin")), block(10 + i, len)).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tier(&path) != "nvme" {
+        assert!(
+            Instant::now() < deadline,
+            "never demoted: tier {:?} {}",
+            tier(&path),
+            m.status()
+        );
+        fs::write(m.path("push.bin"), block(99, len)).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        fs::read(&path).unwrap() == block(2, len),
+        "older bytes came back from NVMe"
+    );
+}

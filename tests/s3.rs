@@ -543,7 +543,6 @@ fn bad_settings_fail_the_mount_with_one_line() {
 
 // 6a. The one line says its reason once.
 #[test]
-#[ignore = "kvfs bug: a mount's S3 error line repeats its reason (\"S3 tier: X: X\")"]
 fn bad_settings_line_says_its_reason_once() {
     let srv = S3Server::start();
     let args = [
@@ -590,7 +589,6 @@ fn lazy_mount_comes_up_with_s3_down() {
 
 // 7. --durability remote: fsync returns once the object is in S3.
 #[test]
-#[ignore = "kvfs bug: with durability remote, fsync of a file still open for writing returns before any upload"]
 fn durability_remote_fsync_means_in_s3() {
     let srv = S3Server::start();
     let m = mount(&srv, "kv/durable", &["--durability", "remote"]);

@@ -780,6 +780,10 @@ impl Kvfs {
             settled = !evicted.contains(&ino);
         }
         if sealed {
+            if let Ok(node) = ns.get_mut(ino) {
+                node.lower.nvme_stale = node.lower.nvme.is_some();
+                node.lower.s3_stale = node.lower.s3.is_some();
+            }
             let bytes = file.stat().map(|s| s.size).unwrap_or(0);
             self.metrics.counters.sealed_files.inc();
             self.metrics.counters.sealed_bytes.inc_by(bytes);
@@ -796,9 +800,10 @@ impl Kvfs {
     /// always (an eviction is a cache miss); with one, once they are there.
     fn is_clean(&self, ns: &Namespace, ino: Ino) -> bool {
         !self.has_lower_tiers()
-            || ns
-                .get(ino)
-                .is_ok_and(|n| n.lower.nvme.is_some() || n.lower.s3.is_some())
+            || ns.get(ino).is_ok_and(|n| {
+                (n.lower.nvme.is_some() && !n.lower.nvme_stale)
+                    || (n.lower.s3.is_some() && !n.lower.s3_stale)
+            })
     }
 
     /// The lower copies of `ino` no longer match it (unlinked, or about to

@@ -46,7 +46,7 @@ pub enum MountError {
         source: crate::store::nvme::NvmeError,
     },
     /// One line naming what is wrong with the S3 settings.
-    #[error("S3 tier: {0}")]
+    #[error("S3 tier")]
     S3(#[source] crate::store::s3::S3Error),
     #[error("cannot serve metrics on {addr}")]
     Metrics {

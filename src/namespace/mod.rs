@@ -107,6 +107,11 @@ pub struct Lower {
     pub s3: Option<RemoteCopy>,
     /// An upload to S3 is under way.
     pub uploading: bool,
+    /// The NVMe or S3 copy was taken while the file was open (an fsync)
+    /// and may predate its last writes: it must be copied again, over it
+    /// (not deleted first: an fsync'd copy stays durable meanwhile).
+    pub nvme_stale: bool,
+    pub s3_stale: bool,
 }
 
 /// A file's object in S3, as this node last saw it.

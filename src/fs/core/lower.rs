@@ -212,7 +212,10 @@ impl Kvfs {
                 }
                 _ => return Ok(()),
             }
-            if node.lower.nvme.as_deref() == Some(key.as_str()) && node.open == 0 {
+            if node.lower.nvme.as_deref() == Some(key.as_str())
+                && node.open == 0
+                && !node.lower.nvme_stale
+            {
                 return Ok(()); // already there
             }
             node.lower.flushing = true;
@@ -256,6 +259,7 @@ impl Kvfs {
         }
         let node = ns.get_mut(ino)?;
         node.lower.nvme = Some(now);
+        node.lower.nvme_stale = false;
         let closed = node.open == 0;
         lock(&lower.lru).put(ino, ());
         if closed {
@@ -361,7 +365,8 @@ impl Kvfs {
             };
             // With an S3 tier, a copy leaves NVMe only once it is in S3:
             // the file then stays, S3-only. Without one it is a cache miss.
-            let waiting_for_s3 = self.remote.is_some() && node.lower.s3.is_none();
+            let waiting_for_s3 =
+                self.remote.is_some() && (node.lower.s3.is_none() || node.lower.s3_stale);
             if victim == keep || waiting_for_s3 || node.lower.uploading {
                 if node.lower.nvme.is_some() {
                     lock(&lower.lru).put(victim, ());

@@ -502,7 +502,7 @@ impl Kvfs {
                 }
                 Ok(())
             }
-            Job::Upload { ino, adopt, .. } => self.upload(*ino, *adopt),
+            Job::Upload { ino, adopt, done } => self.upload(*ino, *adopt, done.is_some()),
         }
     }
 
@@ -525,7 +525,9 @@ impl Kvfs {
 
     /// Uploads a file's current contents, from the host copy if there is
     /// one, else from NVMe.
-    fn upload(&self, ino: Ino, adopt: bool) -> std::result::Result<(), S3Error> {
+    /// A file still open for writing is sent only for an fsync (`sync`):
+    /// its seal queues it again.
+    fn upload(&self, ino: Ino, adopt: bool, sync: bool) -> std::result::Result<(), S3Error> {
         let tier = self.remote_tier()?;
         // Under the lock: what to send, and mark it in flight.
         enum Source {
@@ -546,10 +548,14 @@ impl Kvfs {
                 return Ok(());
             };
             match node.kind {
-                NodeKind::File { writers: 0, .. } if !node.lower.uploading => {}
+                NodeKind::File { writers, .. }
+                    if !node.lower.uploading && (writers == 0 || sync) => {}
                 _ => return Ok(()), // a writer's seal queues it again
             }
-            if node.lower.s3.as_ref().is_some_and(|c| c.key == key) {
+            if node.lower.s3.as_ref().is_some_and(|c| c.key == key)
+                && !node.lower.s3_stale
+                && node.open == 0
+            {
                 return Ok(()); // already there
             }
             let source = match (self.host.get(ino), nvme_path) {
@@ -638,6 +644,7 @@ impl Kvfs {
             checked: Instant::now(),
             settled: true,
         });
+        node.lower.s3_stale = false;
         if let Some(remote) = &self.remote {
             remote.uploaded.fetch_add(1, Ordering::Relaxed);
         }
