@@ -59,6 +59,10 @@ pub struct MountArgs {
     #[arg(long, env = "KVFS_LOCK_MEMORY", value_name = "MODE")]
     pub lock_memory: Option<String>,
 
+    /// Back the host tier's files with transparent huge pages (a tmpfs of its own; needs root): true or false (default: true).
+    #[arg(long, env = "KVFS_HUGE_PAGES", value_name = "BOOL", value_parser = clap::builder::BoolishValueParser::new())]
+    pub huge_pages: Option<bool>,
+
     /// Directory of the NVMe tier, or "none" (default: /var/lib/kvfs/<mount point> as root, else $XDG_CACHE_HOME/kvfs/<mount point>).
     #[arg(long, env = "KVFS_NVME_DIR", value_name = "DIR")]
     pub nvme_dir: Option<String>,
@@ -228,6 +232,8 @@ pub struct Config {
     pub allow_other: bool,
     /// Whether to page-lock sealed host tier files (mlock).
     pub lock_memory: LockMemory,
+    /// Whether to back host tier files with huge pages.
+    pub huge_pages: bool,
     pub log_format: LogFormat,
     /// The NVMe tier's directory, if the tier is on.
     pub nvme_dir: Option<PathBuf>,
@@ -360,6 +366,7 @@ struct FileConfig {
     threads: Option<i64>,
     allow_other: Option<bool>,
     lock_memory: Option<String>,
+    huge_pages: Option<bool>,
     metrics_addr: Option<String>,
     nvme_dir: Option<String>,
     nvme_capacity: Option<FileSize>,
@@ -681,6 +688,10 @@ impl Config {
                 threads,
                 allow_other,
                 lock_memory,
+                huge_pages: args
+                    .huge_pages
+                    .or(values.and_then(|v| v.huge_pages))
+                    .unwrap_or(true),
                 metrics_addr,
                 log_format,
                 durability: durability.unwrap_or(if nvme_dir.is_some() {

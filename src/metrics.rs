@@ -338,6 +338,7 @@ mod tests {
             locking: false,
             lock_policy: "off".into(),
             evictions: 0,
+            huge_pages: false,
         }
     }
 

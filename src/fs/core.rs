@@ -737,9 +737,12 @@ impl Kvfs {
         };
         // Memory is allocated in pages: only pages past the current end cost
         // more (holes below it are rare for block files and not counted).
+        // With huge pages the tier allocates 2 MiB ahead of the size: what
+        // is allocated already costs nothing more.
         let page_end = |n: u64| n.div_ceil(PAGE) * PAGE;
-        let size = file.stat().map_err(io_err("fstat"))?.size;
-        let need = page_end(offset + data.len() as u64).saturating_sub(page_end(size));
+        let st = file.stat().map_err(io_err("fstat"))?;
+        let have = page_end(st.size).max(st.allocated);
+        let need = page_end(offset + data.len() as u64).saturating_sub(have);
         if need > 0 {
             let mut ns = self.ns();
             let evicted = self.host.reserve(need)?;

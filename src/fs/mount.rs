@@ -204,6 +204,7 @@ fn remove_stale_backing_dirs(base: &Path) {
             continue;
         }
         tracing::info!(path = %entry.path().display(), "removing a dead daemon's backing files");
+        crate::store::host::unmount_backing(&entry.path());
         if let Err(e) = std::fs::remove_dir_all(entry.path()) {
             tracing::warn!(path = %entry.path().display(), error = %e, "cannot remove stale backing files");
         }
@@ -221,10 +222,11 @@ pub fn mount(config: &Config) -> Result<Mounted, MountError> {
     };
     let dir = backing_dir_path();
     remove_stale_backing_dirs(dir.parent().unwrap_or(Path::new("/")));
-    let backing = BackingDir::create(&dir).map_err(|source| MountError::BackingDir {
-        path: dir.clone(),
-        source,
-    })?;
+    let backing =
+        BackingDir::create(&dir, config.huge_pages).map_err(|source| MountError::BackingDir {
+            path: dir.clone(),
+            source,
+        })?;
     let (lock, policy) = lock_policy(config.lock_memory);
     let host = HostTier::new(backing, config.host_capacity, lock, policy);
     let mut core = Kvfs::new(host, me);

@@ -135,13 +135,52 @@ impl Drop for Locked {
 pub struct BackingDir {
     path: PathBuf,
     fd: OwnedFd,
+    /// A tmpfs of its own is mounted on it (for huge pages).
+    mounted: bool,
+}
+
+/// Unmounts a tmpfs that [`BackingDir::create`] mounted on `path` (lazily:
+/// files the kernel still holds through passthrough opens stay until
+/// closed). Not a mount point: nothing happens.
+pub fn unmount_backing(path: &Path) {
+    if let Ok(c) = CString::new(path.as_os_str().as_bytes()) {
+        // SAFETY: valid C string.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW) };
+    }
 }
 
 impl BackingDir {
-    /// Creates `path` (which must not exist) with mode 0700.
-    pub fn create(path: &Path) -> io::Result<BackingDir> {
+    /// Creates `path` (which must not exist) with mode 0700. With
+    /// `huge_pages`, mounts a tmpfs of its own there that backs files of
+    /// 2 MiB and more with transparent huge pages (`huge=always`,
+    /// whatever /dev/shm's own setting): 512x fewer page faults and
+    /// page-table entries per block, which the writers, the readers and a
+    /// GPU client pinning the pages all pay. Needs CAP_SYS_ADMIN; without
+    /// it the directory is used as it is.
+    pub fn create(path: &Path, huge_pages: bool) -> io::Result<BackingDir> {
         std::fs::DirBuilder::new().mode(0o700).create(path)?;
         let c = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+        let mut mounted = false;
+        if huge_pages {
+            // SAFETY: valid C strings.
+            let rc = unsafe {
+                libc::mount(
+                    c"kvfs-backing".as_ptr(),
+                    c.as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    c"huge=always,mode=0700".as_ptr().cast(),
+                )
+            };
+            mounted = rc == 0;
+            if !mounted {
+                tracing::info!(
+                    path = %path.display(),
+                    error = %io::Error::last_os_error(),
+                    "no tmpfs with huge pages for the backing files; using the directory as it is"
+                );
+            }
+        }
         // SAFETY: valid C string; the fd is owned below.
         let fd = cvt(unsafe {
             libc::open(
@@ -153,16 +192,25 @@ impl BackingDir {
             path: path.to_owned(),
             // SAFETY: a fresh descriptor nobody else owns.
             fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            mounted,
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Whether the files get huge pages (a tmpfs of its own).
+    pub fn huge_pages(&self) -> bool {
+        self.mounted
+    }
 }
 
 impl Drop for BackingDir {
     fn drop(&mut self) {
+        if self.mounted {
+            unmount_backing(&self.path);
+        }
         if let Err(e) = std::fs::remove_dir_all(&self.path) {
             tracing::warn!(path = %self.path.display(), error = %e, "cannot remove the host tier's backing directory");
         }
@@ -488,6 +536,8 @@ pub struct HostUsage {
     /// Why locking is on or off, as configured.
     pub lock_policy: String,
     pub evictions: u64,
+    /// The files are on a tmpfs of their own with huge pages.
+    pub huge_pages: bool,
 }
 
 pub struct HostTier {
@@ -544,7 +594,7 @@ impl HostTier {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         ));
-        let dir = BackingDir::create(&path).expect("scratch backing dir");
+        let dir = BackingDir::create(&path, false).expect("scratch backing dir");
         HostTier::new(dir, capacity, lock_memory, "test".into())
     }
 
@@ -767,6 +817,7 @@ impl HostTier {
             locking: self.lock_memory && !self.lock_failed.load(Ordering::Relaxed),
             lock_policy: self.lock_policy.clone(),
             evictions: self.evictions.load(Ordering::Relaxed),
+            huge_pages: self.dir.huge_pages(),
         }
     }
 }
