@@ -79,6 +79,9 @@ enum BenchCmd {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// Raw S3 baseline: PUT/GET whole objects with plain aws-sdk-s3; prints
+    /// one JSON report per phase.
+    S3Raw(kvfs::bench::s3::RawArgs),
 }
 
 /// Errors that mean "you asked for something invalid": exit code 2.
@@ -110,6 +113,12 @@ pub fn main() -> ExitCode {
             phase,
             seed,
         }) => cmd_bench_connector(dir, pattern, files, &file_size, threads, &phase, seed),
+        Cmd::Bench(BenchCmd::S3Raw(args)) => kvfs::bench::s3::run(&args, &mut std::io::stdout())
+            .map(drop)
+            .map_err(|e| match e {
+                e if e.is_usage() => UsageError(e.to_string()).into(),
+                e => anyhow::Error::from(e),
+            }),
         Cmd::Gpu(cmd) => {
             kvfs::gpu::command::run(cmd, &mut std::io::stdout()).map_err(|e| match e {
                 // No GPU is a "cannot run here" answer: exit code 2, one line.

@@ -1,2 +1,3 @@
 //! Benchmarks and reference-connector engines.
 pub mod connector;
+pub mod s3;
