@@ -193,11 +193,12 @@ fn write_back_of_both_store_patterns() {
     let m = mount(&srv, "kv/wb", &[]);
     fs::create_dir_all(m.path("model/r0")).unwrap();
     let a = block(1, 1 << 20);
-    let b = block(2, 12 << 20); // above one part: multipart
+    // Above the single-PUT limit (64 MiB): a multipart upload.
+    let b = block(2, 72 << 20);
     store_llmd(&m.path("model/r0/a.bin"), &a);
     store_vllm(&m.path("model/r0/b.bin"), &b);
     wait_object(&srv, "kv/wb/model/r0/a.bin", &a, 30);
-    wait_object(&srv, "kv/wb/model/r0/b.bin", &b, 30);
+    wait_object(&srv, "kv/wb/model/r0/b.bin", &b, 60);
     // The temp names never stay in the bucket.
     poll(
         10,

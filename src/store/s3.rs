@@ -159,6 +159,8 @@ impl std::fmt::Debug for S3Tier {
 /// an outage.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Objects up to this size are uploaded with one PUT.
+const SINGLE_PUT_MAX: u64 = 64 << 20;
 /// Lookups (HEAD, small LIST) give up sooner: the caller is a stat.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -325,7 +327,10 @@ impl S3Tier {
     ) -> Result<u32> {
         let full = self.full_key(key);
         let fd = src.as_raw_fd();
-        let crc = if len <= self.part_size {
+        // KV blocks (tens of MiB) go up whole: parallelism comes from
+        // several files in flight, and a multipart upload costs three more
+        // requests and a server-side join.
+        let crc = if len <= SINGLE_PUT_MAX.max(self.part_size) {
             let mut buf = vec![0u8; len as usize];
             pread_full(fd, &mut buf, 0).map_err(|source| S3Error::Io {
                 op: "read for upload",
@@ -525,8 +530,10 @@ impl S3Tier {
     /// trip; some servers answer HEAD of a "directory" with an error, so a
     /// directory wins over a failed HEAD.
     pub fn lookup(&self, key: &str) -> Result<Option<Found>> {
+        // One attempt: a lookup that fails is a miss, and a retry would
+        // hold the caller's stat for up to a second of backoff.
         let quick = aws_sdk_s3::config::Builder::new()
-            .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(2));
+            .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(1));
         let full = self.full_key(key);
         let head = self
             .client
@@ -545,8 +552,21 @@ impl S3Tier {
             .customize()
             .config_override(quick)
             .send();
+        // HEAD runs beside the LIST; a directory does not wait for it.
+        let head = self.rt.spawn(head);
         let both = async {
-            tokio::time::timeout(LOOKUP_TIMEOUT, async { tokio::join!(head, list) }).await
+            tokio::time::timeout(LOOKUP_TIMEOUT, async {
+                let list = list.await;
+                let is_dir = list.as_ref().is_ok_and(|out| {
+                    out.key_count().unwrap_or(0) > 0 || !out.contents().is_empty()
+                });
+                if is_dir {
+                    head.abort();
+                    return (None, list);
+                }
+                (head.await.ok(), list)
+            })
+            .await
         };
         let Ok((head, list)) = self.rt.block_on(both) else {
             self.healthy.store(false, Ordering::Relaxed);
@@ -556,12 +576,10 @@ impl S3Tier {
                 secs: LOOKUP_TIMEOUT.as_secs(),
             });
         };
-        if let Ok(out) = &list
-            && (out.key_count().unwrap_or(0) > 0 || !out.contents().is_empty())
-        {
+        let Some(head) = head else {
             self.ok();
             return Ok(Some(Found::Dir));
-        }
+        };
         match head {
             Ok(out) => {
                 self.ok();
@@ -618,10 +636,12 @@ impl S3Tier {
 
     /// Reads the whole object into `dst` (from offset 0) with parallel
     /// ranged GETs; verifies its CRC32C before returning. Returns its size.
-    pub fn get_to_fd(&self, key: &str, dst: BorrowedFd<'_>) -> Result<u64> {
+    /// With the size known (`size_hint`, from a HEAD or a listing) every
+    /// range goes out at once; without it the first range tells the size.
+    pub fn get_to_fd(&self, key: &str, dst: BorrowedFd<'_>, size_hint: Option<u64>) -> Result<u64> {
         let full = self.full_key(key);
         let fd = dst.as_raw_fd();
-        let got = self.rt.block_on(self.get_ranges(key, &full, fd));
+        let got = self.rt.block_on(self.get_ranges(key, &full, fd, size_hint));
         let (len, crc, want) = got?;
         self.ok();
         self.counters.get_bytes.fetch_add(len, Ordering::Relaxed);
@@ -635,109 +655,125 @@ impl S3Tier {
         }
     }
 
-    /// The first range tells the size and the checksum; the rest are
-    /// fetched in parallel. Each range's CRC is combined in order.
-    async fn get_ranges(&self, key: &str, full: &str, fd: i32) -> Result<(u64, u32, Option<u32>)> {
-        let first = self
+    /// One ranged GET, written at its offset: its CRC32C, the object's
+    /// checksum from the metadata, and the object's total size.
+    async fn get_range(
+        &self,
+        key: &str,
+        full: &str,
+        fd: i32,
+        off: u64,
+        n: u64,
+    ) -> Result<(u32, Option<u32>, Option<u64>, u64)> {
+        let out = self
             .client
             .get_object()
             .bucket(&self.bucket)
             .key(full)
-            .range(format!("bytes=0-{}", self.part_size - 1))
+            .range(format!("bytes={}-{}", off, off + n - 1))
             .send()
             .await
             .map_err(|e| self.fail("get", key, e))?;
-        let want = first
+        let want = out
             .metadata()
             .and_then(|m| m.get(META_CRC))
             .and_then(|v| u32::from_str_radix(v, 16).ok());
-        // "bytes 0-N/TOTAL"; a server that ignores ranges sends it all.
-        let total = first
+        // "bytes A-B/TOTAL"; a server that ignores ranges sends it all.
+        let total = out
             .content_range()
             .and_then(|r| r.rsplit('/').next())
             .and_then(|t| t.parse::<u64>().ok());
-        let body = first.body.collect().await.map_err(|e| S3Error::Service {
-            op: "get",
-            key: key.to_string(),
-            message: e.to_string(),
-        })?;
-        let data = body.into_bytes();
-        let total = total.unwrap_or(data.len() as u64);
-        pwrite_all(fd, &data, 0).map_err(|source| S3Error::Io {
+        let bytes = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| S3Error::Service {
+                op: "get",
+                key: key.to_string(),
+                message: e.to_string(),
+            })?
+            .into_bytes();
+        pwrite_all(fd, &bytes, off).map_err(|source| S3Error::Io {
             op: "write fetched data",
             source,
         })?;
-        let mut crc = crc32c::crc32c(&data);
-        let mut off = data.len() as u64;
-        drop(data);
+        Ok((crc32c::crc32c(&bytes), want, total, bytes.len() as u64))
+    }
+
+    async fn get_ranges(
+        &self,
+        key: &str,
+        full: &str,
+        fd: i32,
+        size_hint: Option<u64>,
+    ) -> Result<(u64, u32, Option<u32>)> {
+        let corrupt = |what: String| S3Error::Corrupt {
+            key: key.to_string(),
+            what,
+        };
+        let (total, first) = match size_hint {
+            Some(total) => (total, None),
+            None => {
+                let (crc, want, total, got) =
+                    self.get_range(key, full, fd, 0, self.part_size).await?;
+                (total.unwrap_or(got), Some((crc, want, got)))
+            }
+        };
         // SAFETY: fd is valid for the whole call (the caller borrows it).
-        let size_ok = unsafe { libc::ftruncate(fd, total as libc::off_t) } == 0;
-        if !size_ok {
+        if unsafe { libc::ftruncate(fd, total as libc::off_t) } != 0 {
             return Err(S3Error::Io {
                 op: "size fetched file",
                 source: std::io::Error::last_os_error(),
             });
         }
-        let sem = Arc::new(tokio::sync::Semaphore::new(self.concurrency));
-        let mut tasks = Vec::new();
+        let start = first.map_or(0, |f| f.2);
+        let mut ranges = Vec::new();
+        let mut off = start;
         while off < total {
             let n = (total - off).min(self.part_size);
-            let permit = Arc::clone(&sem).acquire_owned().await;
-            let req = self
+            ranges.push((off, n));
+            off += n;
+        }
+        if total == 0 && first.is_none() {
+            // An empty object: one GET of it for its metadata.
+            let out = self
                 .client
                 .get_object()
                 .bucket(&self.bucket)
                 .key(full)
-                .range(format!("bytes={}-{}", off, off + n - 1))
-                .send();
-            let key = key.to_string();
-            tasks.push((
-                n,
-                self.rt.spawn(async move {
-                    let res = async {
-                        let out = req
-                            .await
-                            .map_err(|e| (true, DisplayErrorContext(e).to_string()))?;
-                        let bytes = out
-                            .body
-                            .collect()
-                            .await
-                            .map_err(|e| (true, e.to_string()))?
-                            .into_bytes();
-                        if bytes.len() as u64 != n {
-                            return Err((
-                                false,
-                                format!("range at {off}: {} of {n} bytes", bytes.len()),
-                            ));
-                        }
-                        pwrite_all(fd, &bytes, off).map_err(|e| (false, e.to_string()))?;
-                        Ok(crc32c::crc32c(&bytes))
-                    }
-                    .await;
-                    drop(permit);
-                    res.map_err(|(service, message)| (key, service, message))
-                }),
-            ));
-            off += n;
+                .send()
+                .await
+                .map_err(|e| self.fail("get", key, e))?;
+            let want = out
+                .metadata()
+                .and_then(|m| m.get(META_CRC))
+                .and_then(|v| u32::from_str_radix(v, 16).ok());
+            return Ok((0, 0, want));
         }
-        for (n, t) in tasks {
-            let part = t.await.map_err(|e| S3Error::Service {
-                op: "get",
-                key: key.to_string(),
-                message: e.to_string(),
-            })?;
-            match part {
-                Ok(c) => crc = crc32c::crc32c_combine(crc, c, n as usize),
-                Err((key, true, message)) => {
-                    self.counters.errors.fetch_add(1, Ordering::Relaxed);
-                    return Err(S3Error::Service {
-                        op: "get",
-                        key,
-                        message,
-                    });
-                }
-                Err((key, false, what)) => return Err(S3Error::Corrupt { key, what }),
+        let parts = futures_bounded(
+            ranges
+                .iter()
+                .map(|&(off, n)| self.get_range(key, full, fd, off, n)),
+            self.concurrency,
+        )
+        .await;
+        let (mut crc, mut want) = match first {
+            Some((c, w, _)) => (c, w),
+            None => (0, None),
+        };
+        for ((off, n), part) in ranges.iter().zip(parts) {
+            let (c, w, t, got) = part?;
+            if got != *n || t.is_some_and(|t| t != total) {
+                return Err(corrupt(format!(
+                    "range at {off}: {got} of {n} bytes, object size {t:?} not {total} (changed meanwhile?)"
+                )));
             }
+            crc = if *off == 0 {
+                c
+            } else {
+                crc32c::crc32c_combine(crc, c, *n as usize)
+            };
+            want = want.or(w);
         }
         Ok((total, crc, want))
     }
@@ -834,6 +870,43 @@ impl S3Tier {
         }
         Ok(out)
     }
+}
+
+/// Runs the futures with at most `limit` in flight; results in order.
+async fn futures_bounded<F, T>(futs: impl Iterator<Item = F>, limit: usize) -> Vec<T>
+where
+    F: std::future::Future<Output = T>,
+{
+    let sem = tokio::sync::Semaphore::new(limit.max(1));
+    let all = futs.map(|f| async {
+        let _permit = sem.acquire().await;
+        f.await
+    });
+    join_all(all).await
+}
+
+/// Polls every future in one task until all are done; results in order.
+async fn join_all<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut futs: Vec<_> = futs.map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = (0..futs.len()).map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, slot) in futs.iter_mut().zip(out.iter_mut()) {
+            if slot.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *slot = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().flatten().collect()
 }
 
 /// CopySource is `bucket/key` URL-encoded, except for the slashes.

@@ -3,11 +3,14 @@
 //! bucket, finding names that only S3 has (lookup and readdir), fetching
 //! S3-only files on open, and riding out outages.
 //!
-//! One uploader thread runs the bucket's jobs in order: an unlink or rename
-//! queued after an upload of the same key must reach S3 after it, or a
-//! deleted name could come back. A job that fails because S3 does not
-//! answer stays at the head of the queue and is retried with exponential
-//! backoff; nothing queued is dropped, and local reads and writes go on.
+//! A few uploader threads run the bucket's jobs, in order per key and per
+//! file: a job starts only when no running or earlier queued job touches
+//! its keys or its file, so an unlink or rename queued after an upload of
+//! the same key reaches S3 after it (or a deleted name could come back),
+//! while jobs on different keys run side by side. A job that fails because
+//! S3 does not answer goes back to the head of the queue and is retried
+//! with exponential backoff; nothing queued is dropped, and local reads and
+//! writes go on.
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::{OsStr, OsString};
@@ -45,7 +48,7 @@ enum Job {
 /// The S3 tier as the core uses it.
 pub(super) struct Remote {
     pub(super) tier: S3Tier,
-    jobs: Mutex<VecDeque<Job>>,
+    jobs: Mutex<Queue>,
     wake: Condvar,
     stopped: std::sync::atomic::AtomicBool,
     /// Names S3 was asked about and does not have, until when to believe it.
@@ -57,9 +60,36 @@ pub(super) struct Remote {
     backlog_bytes: AtomicU64,
     /// Tells this node's temporary keys from another node's.
     node: u64,
-    /// A job is running (taken off the queue, not finished).
-    busy: std::sync::atomic::AtomicBool,
 }
+
+/// Jobs waiting, and what the running ones touch.
+#[derive(Default)]
+struct Queue {
+    pending: VecDeque<Job>,
+    running: Vec<Claim>,
+    next_claim: u64,
+}
+
+/// The file and keys a job touches; two jobs that share one must not run
+/// at once or out of order.
+#[derive(Clone)]
+struct Claim {
+    id: u64,
+    ino: Option<Ino>,
+    keys: Vec<String>,
+}
+
+impl Claim {
+    fn conflicts(&self, other: &Claim) -> bool {
+        (self.ino.is_some() && self.ino == other.ino)
+            || self.keys.iter().any(|k| other.keys.contains(k))
+    }
+}
+
+/// Upload threads: enough to keep several objects in flight.
+const UPLOADERS: usize = 4;
+/// How far into the queue a free thread looks for a job it may start.
+const LOOKAHEAD: usize = 64;
 
 /// Backoff of a job S3 did not answer.
 const RETRY_FIRST: Duration = Duration::from_millis(100);
@@ -95,7 +125,7 @@ impl Kvfs {
     pub fn attach_s3(&mut self, tier: S3Tier, ttl: Duration) {
         self.remote = Some(Remote {
             tier,
-            jobs: Mutex::new(VecDeque::new()),
+            jobs: Mutex::new(Queue::default()),
             wake: Condvar::new(),
             stopped: false.into(),
             negative: Mutex::new(HashMap::new()),
@@ -103,7 +133,6 @@ impl Kvfs {
             uploaded: AtomicU64::new(0),
             backlog_bytes: AtomicU64::new(0),
             node: fastrand::u64(..),
-            busy: false.into(),
         });
         // Files recovered from NVMe may or may not be in S3 already.
         let files: Vec<Ino> = {
@@ -124,10 +153,12 @@ impl Kvfs {
         if self.remote.is_none() {
             return Ok(());
         }
-        let core: Weak<Kvfs> = Arc::downgrade(self);
-        std::thread::Builder::new()
-            .name("kvfs-upload".into())
-            .spawn(move || upload_loop(core))?;
+        for _ in 0..UPLOADERS {
+            let core: Weak<Kvfs> = Arc::downgrade(self);
+            std::thread::Builder::new()
+                .name("kvfs-upload".into())
+                .spawn(move || upload_loop(core))?;
+        }
         Ok(())
     }
 
@@ -140,7 +171,7 @@ impl Kvfs {
 
     fn push_job(&self, job: Job) {
         let Some(remote) = &self.remote else { return };
-        lock(&remote.jobs).push_back(job);
+        lock(&remote.jobs).pending.push_back(job);
         remote.wake.notify_all();
     }
 
@@ -418,7 +449,10 @@ impl Kvfs {
         };
         let file = self.host.create(ino)?;
         let fd = file.fd().map_err(io_err("open backing file"))?;
-        match remote.tier.get_to_fd(&copy.key, fd.as_fd()) {
+        match remote
+            .tier
+            .get_to_fd(&copy.key, fd.as_fd(), Some(copy.size))
+        {
             Ok(_) => {
                 let _ = file.set_times(SetTime::Omit, SetTime::At(copy.mtime));
                 self.host.remeasure(ino);
@@ -449,7 +483,10 @@ impl Kvfs {
             bucket: remote.tier.bucket().to_string(),
             prefix: remote.tier.prefix().to_string(),
             healthy: remote.tier.healthy(),
-            backlog_jobs: lock(&remote.jobs).len() as u64,
+            backlog_jobs: {
+                let q = lock(&remote.jobs);
+                (q.pending.len() + q.running.len()) as u64
+            },
             backlog_bytes: remote.backlog_bytes.load(Ordering::Relaxed),
             uploaded_files: remote.uploaded.load(Ordering::Relaxed),
             put_bytes: c.put_bytes.load(Ordering::Relaxed),
@@ -467,7 +504,10 @@ impl Kvfs {
         let Some(remote) = &self.remote else { return 0 };
         let deadline = Instant::now() + limit;
         loop {
-            let left = lock(&remote.jobs).len() + usize::from(remote.busy.load(Ordering::Relaxed));
+            let left = {
+                let q = lock(&remote.jobs);
+                q.pending.len() + q.running.len()
+            };
             if left == 0 || Instant::now() > deadline {
                 return left;
             }
@@ -478,7 +518,14 @@ impl Kvfs {
     /// Runs one job; `Err` with a transient error means "try again later".
     fn run_job(&self, job: &mut Job) -> std::result::Result<(), S3Error> {
         match job {
-            Job::Delete { key } => self.remote_tier()?.delete(key),
+            Job::Delete { key } => {
+                if self.holds_s3_key(key) {
+                    // An upload queued before this delete already put the
+                    // new file's object there: deleting it would lose it.
+                    return Ok(());
+                }
+                self.remote_tier()?.delete(key)
+            }
             Job::Move { ino, from, to } => {
                 let res = self.remote_tier()?.rename(from, to);
                 if let Err(e) = &res
@@ -504,6 +551,21 @@ impl Kvfs {
             }
             Job::Upload { ino, adopt, done } => self.upload(*ino, *adopt, done.is_some()),
         }
+    }
+
+    /// Whether the file now at path `key` has its current contents in S3
+    /// under `key`.
+    fn holds_s3_key(&self, key: &str) -> bool {
+        let ns = self.ns();
+        let mut ino = crate::namespace::ROOT_INO;
+        for part in key.split('/').filter(|p| !p.is_empty()) {
+            match ns.lookup(ino, part.as_ref()) {
+                Ok(i) => ino = i,
+                Err(_) => return false,
+            }
+        }
+        ns.get(ino)
+            .is_ok_and(|n| n.lower.s3.as_ref().is_some_and(|c| c.key == key) && !n.lower.s3_stale)
     }
 
     fn remote_tier(&self) -> std::result::Result<&S3Tier, S3Error> {
@@ -664,6 +726,58 @@ impl Kvfs {
     }
 }
 
+impl Kvfs {
+    /// What `job` touches; an upload's key is its file's path now.
+    fn claim_of(ns: &Namespace, job: &Job) -> Claim {
+        let (ino, keys) = match job {
+            Job::Upload { ino, .. } => (
+                Some(*ino),
+                ns.path_of(*ino)
+                    .map(|p| vec![p.to_string_lossy().into_owned()])
+                    .unwrap_or_default(),
+            ),
+            Job::Delete { key } => (None, vec![key.clone()]),
+            Job::Move { ino, from, to } => (Some(*ino), vec![from.clone(), to.clone()]),
+        };
+        Claim { id: 0, ino, keys }
+    }
+
+    /// Takes the first queued job that touches nothing a running or an
+    /// earlier queued job touches. The namespace lock is taken first, as
+    /// everywhere (jobs are queued under it).
+    fn next_job(&self, remote: &Remote) -> Option<(Job, u64)> {
+        let ns = self.ns();
+        let mut q = lock(&remote.jobs);
+        let mut ahead: Vec<Claim> = q.running.clone();
+        let mut pick = None;
+        for (i, job) in q.pending.iter().enumerate().take(LOOKAHEAD) {
+            let claim = Self::claim_of(&ns, job);
+            if !ahead.iter().any(|c| c.conflicts(&claim)) {
+                pick = Some((i, claim));
+                break;
+            }
+            ahead.push(claim);
+        }
+        let (i, mut claim) = pick?;
+        let job = q.pending.remove(i)?;
+        q.next_claim += 1;
+        claim.id = q.next_claim;
+        let id = claim.id;
+        q.running.push(claim);
+        Some((job, id))
+    }
+
+    fn finish_job(&self, remote: &Remote, id: u64, retry: Option<Job>) {
+        let mut q = lock(&remote.jobs);
+        q.running.retain(|c| c.id != id);
+        if let Some(job) = retry {
+            q.pending.push_front(job);
+        }
+        drop(q);
+        remote.wake.notify_all();
+    }
+}
+
 fn upload_loop(core: Weak<Kvfs>) {
     let mut backoff = RETRY_FIRST;
     loop {
@@ -672,26 +786,17 @@ fn upload_loop(core: Weak<Kvfs>) {
         if remote.stopped.load(Ordering::Relaxed) {
             return;
         }
-        let next = {
-            let mut jobs = lock(&remote.jobs);
-            if jobs.is_empty() {
-                // Bounded, so that the strong reference is let go of now
-                // and then and the core can end with the mount.
-                jobs = remote
-                    .wake
-                    .wait_timeout(jobs, Duration::from_millis(200))
-                    .map(|(g, _)| g)
-                    .unwrap_or_else(|p| p.into_inner().0);
-            }
-            jobs.pop_front()
+        let Some((mut job, id)) = k.next_job(remote) else {
+            // Bounded, so that the strong reference is let go of now and
+            // then and the core can end with the mount.
+            let q = lock(&remote.jobs);
+            let _ = remote.wake.wait_timeout(q, Duration::from_millis(200));
+            continue;
         };
-        let Some(mut job) = next else { continue };
-        remote.busy.store(true, Ordering::Relaxed);
-        let res = k.run_job(&mut job);
-        remote.busy.store(false, Ordering::Relaxed);
-        match res {
+        match k.run_job(&mut job) {
             Ok(()) => {
                 backoff = RETRY_FIRST;
+                k.finish_job(remote, id, None);
                 if let Job::Upload {
                     done: Some(done), ..
                 } = job
@@ -701,6 +806,7 @@ fn upload_loop(core: Weak<Kvfs>) {
             }
             Err(e) if e.is_missing() => {
                 tracing::warn!(error = %e, "s3 job dropped");
+                k.finish_job(remote, id, None);
                 if let Job::Upload {
                     done: Some(done), ..
                 } = job
@@ -709,9 +815,9 @@ fn upload_loop(core: Weak<Kvfs>) {
                 }
             }
             Err(e) => {
-                // Keep order: the job goes back to the head.
+                // Back to the head, so that its order is kept.
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "s3 unavailable; will retry");
-                lock(&remote.jobs).push_front(job);
+                k.finish_job(remote, id, Some(job));
                 drop(k);
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(RETRY_MAX);
