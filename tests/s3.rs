@@ -656,3 +656,34 @@ fn nvme_eviction_demotes_to_s3_only() {
         assert!(got == *d, "f{i:02}.bin differs (tiers {tiers:?})");
     }
 }
+
+// A file renamed over a name whose old object is in S3, while its own
+// upload is still queued (S3 was down): the upload lands under the new name
+// first, and the delete of the old object queued at the rename must not
+// remove it afterwards.
+#[test]
+fn rename_over_an_uploaded_name_during_an_outage_keeps_the_new_object() {
+    let mut srv = S3Server::start();
+    let m = mount(&srv, "kv/over", &["--nvme-dir", "none"]);
+    let old = block(40, 1 << 20);
+    let new = block(41, 1 << 20);
+    fs::write(m.path("f.bin"), &old).unwrap();
+    wait_object(&srv, "kv/over/f.bin", &old, 30);
+    srv.stop();
+    fs::write(m.path("f.bin.tmp"), &new).unwrap();
+    // The upload of the temp file is queued (and failing) before the rename.
+    poll(
+        10,
+        || format!("upload never queued: {}", m.status()),
+        || (s3_status(&m)["backlog_jobs"].as_u64() >= Some(1)).then_some(()),
+    );
+    fs::rename(m.path("f.bin.tmp"), m.path("f.bin")).unwrap();
+    srv.start_again();
+    poll(
+        60,
+        || format!("backlog never drained: {}", m.status()),
+        || (s3_status(&m)["backlog_jobs"].as_u64() == Some(0)).then_some(()),
+    );
+    wait_object(&srv, "kv/over/f.bin", &new, 5);
+    assert_eq!(srv.keys("kv/over/"), ["kv/over/f.bin"]);
+}
