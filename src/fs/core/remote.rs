@@ -68,6 +68,10 @@ struct Queue {
     pending: VecDeque<Job>,
     running: Vec<Claim>,
     next_claim: u64,
+    /// After a job found S3 not answering, nothing starts until then (one
+    /// backoff for all threads, or they would take turns hammering it).
+    paused_until: Option<Instant>,
+    backoff: Duration,
 }
 
 /// The file and keys a job touches; two jobs that share one must not run
@@ -748,6 +752,9 @@ impl Kvfs {
     fn next_job(&self, remote: &Remote) -> Option<(Job, u64)> {
         let ns = self.ns();
         let mut q = lock(&remote.jobs);
+        if q.paused_until.is_some_and(|t| Instant::now() < t) {
+            return None;
+        }
         let mut ahead: Vec<Claim> = q.running.clone();
         let mut pick = None;
         for (i, job) in q.pending.iter().enumerate().take(LOOKAHEAD) {
@@ -767,11 +774,26 @@ impl Kvfs {
         Some((job, id))
     }
 
+    /// Ends a job; `retry` puts it back at the head and pauses the queue
+    /// for the next backoff step.
     fn finish_job(&self, remote: &Remote, id: u64, retry: Option<Job>) {
         let mut q = lock(&remote.jobs);
         q.running.retain(|c| c.id != id);
-        if let Some(job) = retry {
-            q.pending.push_front(job);
+        match retry {
+            Some(job) => {
+                q.pending.push_front(job);
+                q.backoff = (q.backoff * 2).clamp(RETRY_FIRST, RETRY_MAX);
+                let wait = q.backoff;
+                q.paused_until = Some(Instant::now() + wait);
+                tracing::warn!(
+                    retry_in_ms = wait.as_millis() as u64,
+                    "s3 unavailable; will retry"
+                );
+            }
+            None => {
+                q.backoff = Duration::ZERO;
+                q.paused_until = None;
+            }
         }
         drop(q);
         remote.wake.notify_all();
@@ -779,7 +801,6 @@ impl Kvfs {
 }
 
 fn upload_loop(core: Weak<Kvfs>) {
-    let mut backoff = RETRY_FIRST;
     loop {
         let Some(k) = core.upgrade() else { return };
         let Some(remote) = &k.remote else { return };
@@ -795,7 +816,6 @@ fn upload_loop(core: Weak<Kvfs>) {
         };
         match k.run_job(&mut job) {
             Ok(()) => {
-                backoff = RETRY_FIRST;
                 k.finish_job(remote, id, None);
                 if let Job::Upload {
                     done: Some(done), ..
@@ -816,11 +836,8 @@ fn upload_loop(core: Weak<Kvfs>) {
             }
             Err(e) => {
                 // Back to the head, so that its order is kept.
-                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "s3 unavailable; will retry");
+                tracing::debug!(error = %e, "s3 job failed");
                 k.finish_job(remote, id, Some(job));
-                drop(k);
-                std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(RETRY_MAX);
             }
         }
     }
