@@ -161,6 +161,8 @@ struct NvmeUsage {
     used: u64,
     files: u64,
     o_direct: bool,
+    /// Write-backs queued or running (0: everything sealed is on NVMe).
+    pending_flushes: u64,
 }
 
 /// Told the (parent, name) of every entry the daemon removes on its own
@@ -1112,6 +1114,7 @@ impl Kvfs {
                     used,
                     files,
                     o_direct,
+                    pending_flushes: self.pending_flushes(),
                 }),
             s3: self.s3_usage(),
             counters: self.metrics.counters.snapshot(),

@@ -561,6 +561,10 @@ impl Kvfs {
     }
 
     /// For status: NVMe capacity, used bytes, files held.
+    pub(super) fn pending_flushes(&self) -> u64 {
+        self.lower.as_ref().map_or(0, |l| *lock(&l.pending))
+    }
+
     pub(super) fn nvme_usage(&self) -> Option<(u64, u64, u64, bool)> {
         let lower = self.lower.as_ref()?;
         let files = lock(&lower.lru).len() as u64;
