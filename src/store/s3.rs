@@ -72,6 +72,8 @@ pub enum S3Error {
         op: &'static str,
         key: String,
         message: String,
+        /// The server answered (with an error), as opposed to no answer.
+        answered: bool,
     },
     #[error("s3 {op} {key}: no answer within {secs} s")]
     Timeout {
@@ -98,6 +100,12 @@ impl S3Error {
     /// opposed to an outage, after which it may come back.
     pub fn is_missing(&self) -> bool {
         matches!(self, S3Error::NotFound(_) | S3Error::Corrupt { .. })
+    }
+
+    /// The server answered with an error (not a missing object): trying
+    /// again may not help.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, S3Error::Service { answered: true, .. })
     }
 }
 
@@ -273,6 +281,7 @@ impl S3Tier {
             op,
             key: key.to_string(),
             message: DisplayErrorContext(&e).to_string(),
+            answered,
         }
     }
 
@@ -471,6 +480,7 @@ impl S3Tier {
                 op: "upload part",
                 key: key.to_string(),
                 message: e.to_string(),
+                answered: false,
             })?;
             let out = out.map_err(|e| self.fail("upload part", key, e))?;
             done.push(
@@ -691,6 +701,7 @@ impl S3Tier {
                 op: "get",
                 key: key.to_string(),
                 message: e.to_string(),
+                answered: false,
             })?
             .into_bytes();
         pwrite_all(fd, &bytes, off).map_err(|source| S3Error::Io {

@@ -421,8 +421,9 @@ impl Kvfs {
     /// until it is copied again; if not, its bytes are gone (a cache miss).
     pub(super) fn repin(&self, ns: &mut Namespace, ino: Ino, requeue: bool) {
         let in_s3 = ns.get(ino).is_ok_and(|n| n.lower.s3.is_some());
+        let on_nvme = ns.get(ino).is_ok_and(|n| n.lower.nvme.is_some());
         if self.host.get(ino).is_none() {
-            if !in_s3 {
+            if !in_s3 && !on_nvme {
                 self.forget_file(ns, ino);
             }
         } else if requeue {

@@ -60,12 +60,16 @@ pub(super) struct Remote {
     backlog_bytes: AtomicU64,
     /// Tells this node's temporary keys from another node's.
     node: u64,
+    /// Keys this node removed lately, and when: a lookup or listing sent
+    /// before the removal can answer after it.
+    removed: Mutex<HashMap<String, Instant>>,
 }
 
 /// Jobs waiting, and what the running ones touch.
 #[derive(Default)]
 struct Queue {
-    pending: VecDeque<Job>,
+    /// Jobs in order, each with the times the server refused it.
+    pending: VecDeque<(Job, u32)>,
     running: Vec<Claim>,
     next_claim: u64,
     /// After a job found S3 not answering, nothing starts until then (one
@@ -81,14 +85,34 @@ struct Claim {
     id: u64,
     ino: Option<Ino>,
     keys: Vec<String>,
+    /// Keys whose object this running job may make appear or vanish (an
+    /// upload's, a delete's, a move's source).
+    in_flux: Option<String>,
 }
 
 impl Claim {
+    /// Same file, same key, or one key a directory of the other: servers
+    /// that keep objects as files (s3s-fs, MinIO's FS mode) cannot hold
+    /// `a` and `a/b` at once, so a delete of `a` must land before an upload
+    /// of `a/b` queued after it.
     fn conflicts(&self, other: &Claim) -> bool {
+        let nested = |a: &str, b: &str| {
+            a == b || (b.len() > a.len() && b.starts_with(a) && b.as_bytes()[a.len()] == b'/')
+        };
         (self.ino.is_some() && self.ino == other.ino)
-            || self.keys.iter().any(|k| other.keys.contains(k))
+            || self
+                .keys
+                .iter()
+                .any(|a| other.keys.iter().any(|b| nested(a, b) || nested(b, a)))
     }
 }
+
+/// How long a key this node removed stays hidden from lookups and
+/// listings: longer than a lookup can take.
+const REMOVED_MEMORY: Duration = Duration::from_secs(5);
+
+/// A job the server refused this many times is given up on.
+const MAX_REFUSALS: u32 = 4;
 
 /// Upload threads: enough to keep several objects in flight.
 const UPLOADERS: usize = 4;
@@ -137,6 +161,7 @@ impl Kvfs {
             uploaded: AtomicU64::new(0),
             backlog_bytes: AtomicU64::new(0),
             node: fastrand::u64(..),
+            removed: Mutex::new(HashMap::new()),
         });
         // Files recovered from NVMe may or may not be in S3 already.
         let files: Vec<Ino> = {
@@ -175,7 +200,7 @@ impl Kvfs {
 
     fn push_job(&self, job: Job) {
         let Some(remote) = &self.remote else { return };
-        lock(&remote.jobs).pending.push_back(job);
+        lock(&remote.jobs).pending.push_back((job, 0));
         remote.wake.notify_all();
     }
 
@@ -223,11 +248,14 @@ impl Kvfs {
     pub(super) fn reconcile_s3_keys(&self, ns: &mut Namespace, roots: &[Ino]) {
         let Some(remote) = &self.remote else { return };
         let mut moves = Vec::new();
+        let mut uploads = Vec::new();
         for &root in roots {
             for ino in ns.files_under(root) {
                 let Some(path) = ns.path_of(ino).map(|p| p.to_string_lossy().into_owned()) else {
                     continue;
                 };
+                let on_nvme = ns.get(ino).is_ok_and(|n| n.lower.nvme.is_some());
+                let local = on_nvme || self.host.get(ino).is_some();
                 let Ok(node) = ns.get_mut(ino) else { continue };
                 let Some(copy) = node.lower.s3.as_mut() else {
                     continue;
@@ -235,10 +263,30 @@ impl Kvfs {
                 if copy.key == path {
                     continue;
                 }
+                if local {
+                    // Sent again under the new name (deletes first, so an
+                    // exchange never overwrites what it is about to send):
+                    // simpler than a copy, and never leaves the object
+                    // behind its file.
+                    let closed = node.open == 0;
+                    self.drop_s3_copy(ns, ino);
+                    if closed && self.host.get(ino).is_some() {
+                        // Only the host copy holds it now: not evictable.
+                        let evicted = self.host.settle(ino, on_nvme);
+                        self.drop_evicted(ns, &evicted);
+                    }
+                    if closed {
+                        uploads.push(ino);
+                    }
+                    continue;
+                }
                 let from = std::mem::replace(&mut copy.key, path.clone());
                 copy.settled = false;
                 moves.push((ino, from, path));
             }
+        }
+        for ino in uploads {
+            self.queue_upload(ino, false);
         }
         if roots.len() > 1 {
             for (ino, from, _) in &mut moves {
@@ -276,7 +324,7 @@ impl Kvfs {
             return Ok(None);
         };
         let key = dir.join(name).to_string_lossy().into_owned();
-        if key.starts_with(".kvfs") {
+        if key.starts_with(".kvfs") || Self::leaving_keys(remote).contains(&key) {
             return Ok(None);
         }
         // An outage is a miss: the connector recomputes; nothing is lost.
@@ -337,6 +385,7 @@ impl Kvfs {
         key: &str,
         info: ObjectInfo,
     ) -> Result<Ino> {
+        tracing::debug!(key, "found in s3");
         let owner = self.found_owner(ns);
         let ino = ns.insert_found(parent, name, owner, info.mtime)?;
         ns.get_mut(ino)?.lower.s3 = Some(RemoteCopy {
@@ -403,11 +452,21 @@ impl Kvfs {
                 return;
             }
         };
+        let leaving = Self::leaving_keys(remote);
         let mut ns = self.ns();
         let owner = self.found_owner(&ns);
         let is_root = dir == crate::namespace::ROOT_INO;
         for name in listing.dirs {
             if is_root && name == super::CONTROL_DIR {
+                continue;
+            }
+            let below = if path.is_empty() {
+                format!("{name}/")
+            } else {
+                format!("{path}/{name}/")
+            };
+            if leaving.iter().any(|k| k.starts_with(&below)) {
+                // Perhaps only what this node removed keeps it in S3.
                 continue;
             }
             if ns.lookup(dir, name.as_ref()).is_err() {
@@ -425,6 +484,9 @@ impl Kvfs {
                 } else {
                     format!("{path}/{name}")
                 };
+                if leaving.contains(&key) {
+                    continue;
+                }
                 let _ = self.insert_remote(&mut ns, dir, name.as_ref(), &key, info);
             }
         }
@@ -522,16 +584,24 @@ impl Kvfs {
     /// Runs one job; `Err` with a transient error means "try again later".
     fn run_job(&self, job: &mut Job) -> std::result::Result<(), S3Error> {
         match job {
+            Job::Upload { ino, .. } => tracing::debug!(ino, "s3 job: upload"),
+            Job::Delete { key } => tracing::debug!(key, "s3 job: delete"),
+            Job::Move { ino, from, to } => tracing::debug!(ino, from, to, "s3 job: move"),
+        }
+        match job {
             Job::Delete { key } => {
                 if self.holds_s3_key(key) {
                     // An upload queued before this delete already put the
                     // new file's object there: deleting it would lose it.
                     return Ok(());
                 }
-                self.remote_tier()?.delete(key)
+                let res = self.remote_tier()?.delete(key);
+                self.removed_key_done(key);
+                res
             }
             Job::Move { ino, from, to } => {
                 let res = self.remote_tier()?.rename(from, to);
+                self.removed_key_done(from);
                 if let Err(e) = &res
                     && !e.is_missing()
                 {
@@ -557,6 +627,31 @@ impl Kvfs {
         }
     }
 
+    /// A move that cannot be done: the file's object is not where the
+    /// namespace says. Sent again if a local tier has it; else it is gone.
+    fn abandon_move(&self, ino: Ino, to: &str) {
+        let mut ns = self.ns();
+        let Ok(node) = ns.get_mut(ino) else { return };
+        if node.lower.s3.as_ref().is_none_or(|c| c.key != to) {
+            return;
+        }
+        node.lower.s3 = None;
+        let on_nvme = node.lower.nvme.is_some();
+        let closed = node.open == 0;
+        let in_host = self.host.get(ino).is_some();
+        if in_host && closed {
+            // Its only copy below is gone: not evictable until sent again.
+            let evicted = self.host.settle(ino, on_nvme);
+            self.drop_evicted(&mut ns, &evicted);
+        }
+        if on_nvme || in_host {
+            drop(ns);
+            self.queue_upload(ino, false);
+        } else {
+            self.forget_file(&mut ns, ino);
+        }
+    }
+
     /// Whether the file now at path `key` has its current contents in S3
     /// under `key`.
     fn holds_s3_key(&self, key: &str) -> bool {
@@ -568,8 +663,13 @@ impl Kvfs {
                 Err(_) => return false,
             }
         }
-        ns.get(ino)
-            .is_ok_and(|n| n.lower.s3.as_ref().is_some_and(|c| c.key == key) && !n.lower.s3_stale)
+        ns.get(ino).is_ok_and(|n| {
+            n.lower
+                .s3
+                .as_ref()
+                .is_some_and(|c| c.key == key && c.settled)
+                && !n.lower.s3_stale
+        })
     }
 
     fn remote_tier(&self) -> std::result::Result<&S3Tier, S3Error> {
@@ -703,6 +803,7 @@ impl Kvfs {
             self.push_job(Job::Delete { key });
             return Ok(());
         }
+        tracing::debug!(ino, key, "uploaded");
         node.lower.s3 = Some(RemoteCopy {
             key: key.clone(),
             size: len,
@@ -743,13 +844,57 @@ impl Kvfs {
             Job::Delete { key } => (None, vec![key.clone()]),
             Job::Move { ino, from, to } => (Some(*ino), vec![from.clone(), to.clone()]),
         };
-        Claim { id: 0, ino, keys }
+        Claim {
+            id: 0,
+            ino,
+            in_flux: match job {
+                Job::Upload { .. } => keys.first().cloned(),
+                _ => Self::removed_key(job).map(str::to_string),
+            },
+            keys,
+        }
+    }
+
+    fn removed_key(job: &Job) -> Option<&str> {
+        match job {
+            Job::Delete { key } => Some(key),
+            Job::Move { from, .. } => Some(from),
+            Job::Upload { .. } => None,
+        }
+    }
+
+    /// Keys this node has removed (unlink, rename) that S3 may still show
+    /// until the queued job reaches it, and keys a running upload may be
+    /// writing for a file unlinked meanwhile: a lookup or listing must not
+    /// bring them back.
+    fn leaving_keys(remote: &Remote) -> std::collections::HashSet<String> {
+        let mut keys: std::collections::HashSet<String> = {
+            let q = lock(&remote.jobs);
+            q.pending
+                .iter()
+                .filter_map(|(job, _)| Self::removed_key(job))
+                .map(str::to_string)
+                .chain(q.running.iter().filter_map(|c| c.in_flux.clone()))
+                .collect()
+        };
+        let mut removed = lock(&remote.removed);
+        let now = Instant::now();
+        removed.retain(|_, at| now.duration_since(*at) < REMOVED_MEMORY);
+        keys.extend(removed.keys().cloned());
+        keys
+    }
+
+    /// Remembers that this node removed `key` from the bucket.
+    fn removed_key_done(&self, key: &str) {
+        if let Some(remote) = &self.remote {
+            lock(&remote.removed).insert(key.to_string(), Instant::now());
+        }
     }
 
     /// Takes the first queued job that touches nothing a running or an
     /// earlier queued job touches. The namespace lock is taken first, as
     /// everywhere (jobs are queued under it).
-    fn next_job(&self, remote: &Remote) -> Option<(Job, u64)> {
+    fn next_job(&self, remote: &Remote) -> Option<(Job, u32, u64)> {
         let ns = self.ns();
         let mut q = lock(&remote.jobs);
         if q.paused_until.is_some_and(|t| Instant::now() < t) {
@@ -757,7 +902,7 @@ impl Kvfs {
         }
         let mut ahead: Vec<Claim> = q.running.clone();
         let mut pick = None;
-        for (i, job) in q.pending.iter().enumerate().take(LOOKAHEAD) {
+        for (i, (job, _)) in q.pending.iter().enumerate().take(LOOKAHEAD) {
             let claim = Self::claim_of(&ns, job);
             if !ahead.iter().any(|c| c.conflicts(&claim)) {
                 pick = Some((i, claim));
@@ -766,17 +911,17 @@ impl Kvfs {
             ahead.push(claim);
         }
         let (i, mut claim) = pick?;
-        let job = q.pending.remove(i)?;
+        let (job, refusals) = q.pending.remove(i)?;
         q.next_claim += 1;
         claim.id = q.next_claim;
         let id = claim.id;
         q.running.push(claim);
-        Some((job, id))
+        Some((job, refusals, id))
     }
 
     /// Ends a job; `retry` puts it back at the head and pauses the queue
     /// for the next backoff step.
-    fn finish_job(&self, remote: &Remote, id: u64, retry: Option<Job>) {
+    fn finish_job(&self, remote: &Remote, id: u64, retry: Option<(Job, u32)>) {
         let mut q = lock(&remote.jobs);
         q.running.retain(|c| c.id != id);
         match retry {
@@ -807,7 +952,7 @@ fn upload_loop(core: Weak<Kvfs>) {
         if remote.stopped.load(Ordering::Relaxed) {
             return;
         }
-        let Some((mut job, id)) = k.next_job(remote) else {
+        let Some((mut job, refusals, id)) = k.next_job(remote) else {
             // Bounded, so that the strong reference is let go of now and
             // then and the core can end with the mount.
             let q = lock(&remote.jobs);
@@ -834,10 +979,33 @@ fn upload_loop(core: Weak<Kvfs>) {
                     let _ = done.send(Err(s3_err(e)));
                 }
             }
+            Err(e) if e.is_refusal() && refusals + 1 >= MAX_REFUSALS => {
+                // The server keeps answering no: stop holding up the keys
+                // behind it. A file whose move failed is sent again.
+                tracing::warn!(error = %e, refusals = refusals + 1, "s3 refused a job; giving up on it");
+                k.finish_job(remote, id, None);
+                match job {
+                    Job::Move { ino, to, .. } => k.abandon_move(ino, &to),
+                    Job::Upload { ino, done, .. } => {
+                        if let Some(done) = done {
+                            let _ = done.send(Err(s3_err(e)));
+                        } else {
+                            // Once more at the back, behind other work.
+                            k.push_job(Job::Upload {
+                                ino,
+                                adopt: false,
+                                done: None,
+                            });
+                        }
+                    }
+                    Job::Delete { .. } => {}
+                }
+            }
             Err(e) => {
                 // Back to the head, so that its order is kept.
                 tracing::debug!(error = %e, "s3 job failed");
-                k.finish_job(remote, id, Some(job));
+                let refusals = refusals + u32::from(e.is_refusal());
+                k.finish_job(remote, id, Some((job, refusals)));
             }
         }
     }
