@@ -1,5 +1,6 @@
-//! The command line: `kvfs mount | unmount | status | bench`. Each command
-//! parses its arguments and calls the library; `anyhow` lives only here.
+//! The command line: `kvfs mount | unmount | status | ls-tier | warm |
+//! drain | bench`. Each command parses its arguments and calls the library;
+//! `anyhow` lives only here.
 
 use std::io::{IsTerminal, Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -13,6 +14,7 @@ use clap::{Parser, Subcommand};
 use kvfs::bench::connector::{self, Pattern, RunSpec};
 use kvfs::config::{Config, LogFormat, MountArgs, format_size, parse_size};
 use kvfs::fs::mount;
+use kvfs::ops;
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 /// Environment variable through which a `--daemon` parent hands its child
@@ -47,6 +49,37 @@ enum Cmd {
         /// Print the raw JSON document instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// List regular files with the tiers holding them (`TIERS SIZE PATH`),
+    /// then files and bytes per tier combination.
+    LsTier {
+        mountpoint: PathBuf,
+        /// Files or directories to list, relative to the mount or absolute
+        /// inside it (default: the whole mount).
+        paths: Vec<PathBuf>,
+        /// One JSON object per file, then a summary object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make files resident in the host tier by opening each for reading
+    /// (directories recursively). Warming more than the host tier's
+    /// capacity just evicts what it warmed first.
+    Warm {
+        mountpoint: PathBuf,
+        /// Files or directories, relative to the mount or absolute inside it.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Files opened in parallel.
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+    },
+    /// Wait until write-back is done (NVMe and S3 queues empty): exit 0 when
+    /// drained, 1 on timeout, 2 if the path is not a kvfs mount.
+    Drain {
+        mountpoint: PathBuf,
+        /// Give up after this long ("500ms", "30s", "5m"); default: wait on.
+        #[arg(long, value_parser = parse_duration_arg)]
+        timeout: Option<std::time::Duration>,
     },
     /// Benchmarks and workload generators.
     #[command(subcommand)]
@@ -104,6 +137,20 @@ pub fn main() -> ExitCode {
             mount::unmount(&mountpoint, lazy).map_err(anyhow::Error::from)
         }
         Cmd::Status { mountpoint, json } => cmd_status(&mountpoint, json),
+        Cmd::LsTier {
+            mountpoint,
+            paths,
+            json,
+        } => cmd_ls_tier(&mountpoint, &paths, json),
+        Cmd::Warm {
+            mountpoint,
+            paths,
+            threads,
+        } => cmd_warm(&mountpoint, &paths, threads),
+        Cmd::Drain {
+            mountpoint,
+            timeout,
+        } => cmd_drain(&mountpoint, timeout),
         Cmd::Bench(BenchCmd::Connector {
             dir,
             pattern,
@@ -367,6 +414,62 @@ fn cmd_status(mountpoint: &Path, json: bool) -> anyhow::Result<()> {
         format_size(n("/counters/daemon_write_bytes")),
     );
     Ok(())
+}
+
+fn parse_duration_arg(s: &str) -> Result<std::time::Duration, String> {
+    kvfs::config::parse_duration(s)
+        .ok_or_else(|| format!("{s:?} is not a duration (e.g. 500ms, 30s, 5m)"))
+}
+
+/// A path that is not a kvfs mount is a usage error (exit code 2).
+fn ops_error(e: ops::OpsError) -> anyhow::Error {
+    if e.is_not_mounted() {
+        UsageError(e.to_string()).into()
+    } else {
+        e.into()
+    }
+}
+
+fn report_failures(failures: &[ops::Failure]) -> anyhow::Result<()> {
+    for f in failures {
+        eprintln!("kvfs: {f}");
+    }
+    if !failures.is_empty() {
+        bail!("{} path(s) failed", failures.len());
+    }
+    Ok(())
+}
+
+fn cmd_ls_tier(mountpoint: &Path, paths: &[PathBuf], json: bool) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    let report = ops::ls_tier(mountpoint, paths, json, &mut out).map_err(ops_error)?;
+    out.flush().context("cannot write output")?;
+    report_failures(&report.failures)
+}
+
+fn cmd_warm(mountpoint: &Path, paths: &[PathBuf], threads: usize) -> anyhow::Result<()> {
+    if threads == 0 {
+        return Err(UsageError("--threads must be at least 1".into()).into());
+    }
+    let mut err = std::io::stderr();
+    let terminal = err.is_terminal();
+    let mut progress = ops::Progress::new(&mut err, terminal);
+    let report = ops::warm(mountpoint, paths, threads, &mut progress).map_err(ops_error)?;
+    println!("{}", report.summary());
+    report_failures(&report.failures)
+}
+
+fn cmd_drain(mountpoint: &Path, timeout: Option<std::time::Duration>) -> anyhow::Result<()> {
+    let mut err = std::io::stderr();
+    let terminal = err.is_terminal();
+    let mut progress = ops::Progress::new(&mut err, terminal);
+    match ops::drain(mountpoint, timeout, &mut progress).map_err(ops_error)? {
+        ops::DrainOutcome::Drained { elapsed } => {
+            println!("drained in {:.1} s", elapsed.as_secs_f64());
+            Ok(())
+        }
+        ops::DrainOutcome::TimedOut { left } => bail!("not drained before the timeout: {left}"),
+    }
 }
 
 fn cmd_bench_connector(

@@ -9,5 +9,6 @@ pub mod fs;
 pub mod gpu;
 pub mod metrics;
 pub mod namespace;
+pub mod ops;
 pub mod store;
 pub mod zerocopy;
