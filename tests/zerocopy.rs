@@ -212,3 +212,178 @@ fn slots_count_against_the_host_tier() {
     let b = c.alloc(6 << 20).expect("room again after abort");
     c.abort(b.id).unwrap();
 }
+
+/// One raw SOCK_SEQPACKET connection, for sending what no well-behaved
+/// client would.
+struct RawConn(std::os::fd::OwnedFd);
+
+impl RawConn {
+    fn connect(path: &std::path::Path) -> RawConn {
+        use std::os::fd::FromRawFd;
+        use std::os::unix::ffi::OsStrExt;
+        // SAFETY: plain socket syscalls on a zeroed sockaddr_un.
+        unsafe {
+            let fd = libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0);
+            assert!(fd >= 0);
+            let sock = std::os::fd::OwnedFd::from_raw_fd(fd);
+            let mut addr: libc::sockaddr_un = std::mem::zeroed();
+            addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+            let bytes = path.as_os_str().as_bytes();
+            for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+                *d = *s as libc::c_char;
+            }
+            let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+            let rc = libc::connect(fd, (&raw const addr).cast(), len);
+            assert_eq!(rc, 0, "connect: {}", std::io::Error::last_os_error());
+            let tv = libc::timeval {
+                tv_sec: 5,
+                tv_usec: 0,
+            };
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&raw const tv).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            );
+            RawConn(sock)
+        }
+    }
+
+    /// Sends one message and returns the reply (descriptors that come with
+    /// it are closed by the kernel's MSG_CMSG_CLOEXEC-less default: we do
+    /// not ask for them).
+    fn ask(&self, msg: &[u8]) -> Vec<u8> {
+        use std::os::fd::AsRawFd;
+        let fd = self.0.as_raw_fd();
+        // SAFETY: valid socket and buffers.
+        unsafe {
+            let n = libc::send(fd, msg.as_ptr().cast(), msg.len(), libc::MSG_NOSIGNAL);
+            assert_eq!(
+                n,
+                msg.len() as isize,
+                "send: {}",
+                std::io::Error::last_os_error()
+            );
+            let mut buf = vec![0u8; 1 << 17];
+            let n = libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
+            assert!(n > 0, "no reply: {}", std::io::Error::last_os_error());
+            buf.truncate(n as usize);
+            buf
+        }
+    }
+}
+
+fn fuzz_message() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+    use proptest::prelude::*;
+    let op = prop_oneof![
+        Just("hello"),
+        Just("alloc"),
+        Just("commit"),
+        Just("abort"),
+        Just("open"),
+        Just("close"),
+        Just("bogus"),
+    ];
+    let number = prop_oneof![
+        Just(serde_json::json!(0)),
+        Just(serde_json::json!(u64::MAX)),
+        Just(serde_json::json!(-1)),
+        Just(serde_json::json!(1.5)),
+        Just(serde_json::json!("7")),
+        Just(serde_json::json!(null)),
+        (0u64..64).prop_map(|n| serde_json::json!(n)),
+        (0u64..(1 << 22)).prop_map(|n| serde_json::json!(n)),
+    ];
+    let path = prop_oneof![
+        Just(serde_json::json!("a/b.bin")),
+        Just(serde_json::json!("../x")),
+        Just(serde_json::json!("/abs")),
+        Just(serde_json::json!(".kvfs/status")),
+        Just(serde_json::json!("")),
+        Just(serde_json::json!("a//b")),
+        Just(serde_json::json!("x".repeat(5000))),
+        Just(serde_json::json!(["not", "a", "string"])),
+        "[a-z./]{0,20}".prop_map(|s| serde_json::json!(s)),
+    ];
+    let structured = (op, number.clone(), number, path).prop_map(|(op, a, b, p)| {
+        serde_json::to_vec(&serde_json::json!({
+            "op": op, "size": a, "slot": b.clone(), "handle": b, "path": p
+        }))
+        .unwrap()
+    });
+    prop_oneof![
+        3 => structured,
+        1 => proptest::collection::vec(any::<u8>(), 1..300),
+        1 => Just(vec![b'{'; 70_000]),
+    ]
+}
+
+/// Bad input to the zero-copy socket: every message gets an answer, the
+/// daemon stays up, stored files stay intact, and what a connection
+/// allocated is freed when it goes.
+#[test]
+fn fuzzed_control_messages_get_answers_and_harm_nothing() {
+    use proptest::test_runner::{Config, TestRunner};
+    // Room for every slot a case can allocate (40 x 4 MiB), so that no
+    // eviction (a legitimate cache miss) takes the file kept below.
+    let m = KvfsMount::start(&["--host-capacity", "512MiB"]);
+    let c = Client::connect(&m.mnt).expect("connect");
+    let keep = pattern(1 << 20, 3);
+    let slot = c.alloc(keep.len() as u64).unwrap();
+    Map::new(&slot.fd, keep.len(), true)
+        .bytes()
+        .copy_from_slice(&keep);
+    c.commit(slot.id, "keep/me.bin").unwrap();
+    let before = host_used(&m);
+    let sock = std::fs::read_link(m.path(".kvfs/zerocopy.sock")).unwrap();
+    let mut runner = TestRunner::new(Config {
+        cases: 8,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    runner
+        .run(&proptest::collection::vec(fuzz_message(), 1..40), |msgs| {
+            let conn = RawConn::connect(&sock);
+            for msg in &msgs {
+                let reply = conn.ask(msg);
+                let v: serde_json::Value = serde_json::from_slice(&reply).map_err(|e| {
+                    proptest::test_runner::TestCaseError::fail(format!("reply not JSON: {e}"))
+                })?;
+                proptest::prop_assert!(v.get("ok").is_some(), "reply without ok: {v}");
+            }
+            Ok(())
+        })
+        .unwrap();
+    // Still serving, the file intact, and every slot the fuzzer allocated
+    // freed with its connection.
+    let got = std::fs::read(m.path("keep/me.bin"));
+    assert!(
+        got.as_ref().is_ok_and(|g| *g == keep),
+        "stored file: {:?} {}",
+        got.as_ref().map(Vec::len),
+        m.log()
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while host_used(&m) > before {
+        assert!(
+            Instant::now() < deadline,
+            "slots leaked: {} > {before}",
+            host_used(&m)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let names: Vec<_> = std::fs::read_dir(&m.mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    // A fuzzed commit may have published a slot under a valid name; only
+    // names a message could have given are allowed.
+    for n in names {
+        let n = n.to_string_lossy().into_owned();
+        assert!(
+            n.chars().all(|ch| ch.is_ascii_lowercase() || ch == '.'),
+            "odd name {n}"
+        );
+    }
+}

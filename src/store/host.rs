@@ -751,7 +751,7 @@ impl HostTier {
                 .iter()
                 .filter_map(|ino| inner.files.get(ino).map(|e| e.bytes))
                 .sum();
-            if pinned + bytes > self.capacity {
+            if pinned.saturating_add(bytes) > self.capacity {
                 // Even an empty tier would not take it: evicting would only
                 // lose what is stored.
                 return Err(StoreError::NoSpace {
@@ -765,7 +765,7 @@ impl HostTier {
         drop(inner);
         let evicted = self.count_evictions(&evicted);
         let full = if must_fit {
-            used + bytes > self.capacity
+            used.saturating_add(bytes) > self.capacity
         } else {
             used >= self.capacity
         };

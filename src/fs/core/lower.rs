@@ -174,8 +174,17 @@ impl Kvfs {
             (None, None)
         };
         let queue = lock(&lower.queue);
-        queue.as_ref()?.send(FlushJob { ino, done }).ok()?;
+        // Counted before it is sent: the flusher may finish it (and count
+        // it off) before this thread runs again.
         *lock(&lower.pending) += 1;
+        let sent = queue
+            .as_ref()
+            .is_some_and(|q| q.send(FlushJob { ino, done }).is_ok());
+        if !sent {
+            let mut pending = lock(&lower.pending);
+            *pending = pending.saturating_sub(1);
+            return None;
+        }
         rx
     }
 

@@ -15,6 +15,16 @@ impl Kvfs {
     /// A new slot of `size` bytes (memory allocated now, within the host
     /// tier's capacity): its number and a read-write descriptor.
     pub fn zc_alloc(&self, size: u64) -> Result<(u64, OwnedFd)> {
+        let capacity = self.host.capacity();
+        if size > capacity {
+            // Would not fit even in an empty tier: evicting would only lose
+            // what is stored.
+            return Err(crate::store::StoreError::NoSpace {
+                used: self.host.usage().used,
+                capacity,
+            }
+            .into());
+        }
         let ino = {
             let mut ns = self.ns_with_room()?;
             let evicted = self.host.reserve(size)?;
