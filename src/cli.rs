@@ -397,6 +397,42 @@ fn cmd_status(mountpoint: &Path, json: bool) -> anyhow::Result<()> {
         n("/host/files"),
         locked
     );
+    if v.get("nvme").is_some() {
+        println!(
+            "{:<6} {:>12} {:>12} {:>8}  write-backs queued {}{}",
+            "nvme",
+            format_size(n("/nvme/used")),
+            format_size(n("/nvme/capacity")),
+            n("/nvme/files"),
+            n("/nvme/pending_flushes"),
+            if v.pointer("/nvme/o_direct")
+                .and_then(serde_json::Value::as_bool)
+                == Some(false)
+            {
+                "  (buffered: no O_DIRECT)"
+            } else {
+                ""
+            }
+        );
+    }
+    if v.get("s3").is_some() {
+        let healthy = v
+            .pointer("/s3/healthy")
+            .and_then(serde_json::Value::as_bool)
+            == Some(true);
+        println!(
+            "{:<6} s3://{}/{}  {}  uploaded {} files ({}), fetched {}, backlog {} jobs ({})",
+            "s3",
+            s("/s3/bucket"),
+            s("/s3/prefix"),
+            if healthy { "up" } else { "DOWN" },
+            n("/s3/uploaded_files"),
+            format_size(n("/s3/put_bytes")),
+            format_size(n("/s3/get_bytes")),
+            n("/s3/backlog_jobs"),
+            format_size(n("/s3/backlog_bytes")),
+        );
+    }
     println!(
         "files {}  hits {}  misses {}  creates {}  opens {}  evictions {}",
         n("/files"),

@@ -691,3 +691,29 @@ fn rename_over_an_uploaded_name_during_an_outage_keeps_the_new_object() {
     wait_object(&srv, "kv/over/f.bin", &new, 5);
     assert_eq!(srv.keys("kv/over/"), ["kv/over/f.bin"]);
 }
+
+// `kvfs status` (the table for people) shows every tier.
+#[test]
+fn status_table_shows_the_nvme_and_s3_tiers() {
+    let srv = S3Server::start();
+    let nvme = disk_dir();
+    let m = mount(&srv, "kv/status", &["--nvme-dir", nvme.path().to_str().unwrap()]);
+    fs::write(m.path("f.bin"), block(50, 1 << 20)).unwrap();
+    wait_uploaded(&m, 1, 30);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvfs"))
+        .arg("status")
+        .arg(&m.mnt)
+        .output()
+        .expect("run kvfs status");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let line = |tier: &str| {
+        text.lines()
+            .find(|l| l.split_whitespace().next() == Some(tier))
+            .unwrap_or_else(|| panic!("no {tier} line in:\n{text}"))
+            .to_string()
+    };
+    assert!(line("nvme").contains("write-backs queued"), "{text}");
+    let s3 = line("s3");
+    assert!(s3.contains(" up ") && s3.contains("uploaded 1 files"), "{text}");
+}
