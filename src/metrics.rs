@@ -103,6 +103,26 @@ fn latency_histogram() -> Histogram {
 
 type Gauges = Family<TierLabel, Gauge<i64, std::sync::atomic::AtomicI64>>;
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct QueueLabel {
+    queue: &'static str,
+}
+
+type QueueGauges = Family<QueueLabel, Gauge<i64, std::sync::atomic::AtomicI64>>;
+
+/// The tiers below the host tier, as of now (absent tiers are `None`).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LowerUsage {
+    /// NVMe (capacity, used, files).
+    pub nvme: Option<(u64, u64, u64)>,
+    /// Write-backs to NVMe queued or running.
+    pub flush_queue: Option<u64>,
+    /// S3 jobs queued or running.
+    pub upload_queue: Option<u64>,
+    /// Whether S3 answered its last request.
+    pub s3_up: Option<bool>,
+}
+
 /// Everything the daemon exports.
 pub struct Metrics {
     pub counters: Counters,
@@ -112,6 +132,8 @@ pub struct Metrics {
     used: Gauges,
     files: Gauges,
     locked: Gauges,
+    queues: QueueGauges,
+    up: Gauges,
     registry: Registry,
 }
 
@@ -217,6 +239,17 @@ impl Metrics {
             "tier_locked_bytes",
             "Page-locked bytes of each tier",
         );
+        let queues = QueueGauges::default();
+        registry.register(
+            "queue_jobs",
+            "Background jobs queued or running: flush (to NVMe), upload (S3 jobs)",
+            queues.clone(),
+        );
+        let up = gauges(
+            &mut registry,
+            "tier_up",
+            "1 if the tier answered its last request (S3), else 0",
+        );
         Metrics {
             counters,
             op_seconds,
@@ -225,6 +258,8 @@ impl Metrics {
             used,
             files,
             locked,
+            queues,
+            up,
             registry,
         }
     }
@@ -243,16 +278,34 @@ impl Metrics {
     }
 
     /// Prometheus text exposition, with the tier gauges as of now.
-    pub fn render(&self, host: &HostUsage) -> String {
-        let tier = TierLabel { tier: "host" };
-        let set = |g: &Gauges, v: u64| {
-            g.get_or_create(&tier)
+    pub fn render(&self, host: &HostUsage, lower: &LowerUsage) -> String {
+        let set = |g: &Gauges, tier: &'static str, v: u64| {
+            g.get_or_create(&TierLabel { tier })
                 .set(i64::try_from(v).unwrap_or(i64::MAX));
         };
-        set(&self.capacity, host.capacity);
-        set(&self.used, host.used);
-        set(&self.files, host.files);
-        set(&self.locked, host.locked_bytes);
+        set(&self.capacity, "host", host.capacity);
+        set(&self.used, "host", host.used);
+        set(&self.files, "host", host.files);
+        set(&self.locked, "host", host.locked_bytes);
+        if let Some((capacity, used, files)) = lower.nvme {
+            set(&self.capacity, "nvme", capacity);
+            set(&self.used, "nvme", used);
+            set(&self.files, "nvme", files);
+        }
+        let queue = |queue: &'static str, v: u64| {
+            self.queues
+                .get_or_create(&QueueLabel { queue })
+                .set(i64::try_from(v).unwrap_or(i64::MAX));
+        };
+        if let Some(n) = lower.flush_queue {
+            queue("flush", n);
+        }
+        if let Some(n) = lower.upload_queue {
+            queue("upload", n);
+        }
+        if let Some(up) = lower.s3_up {
+            set(&self.up, "s3", u64::from(up));
+        }
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
@@ -349,8 +402,19 @@ mod tests {
         m.counters.sealed_bytes.inc_by(4096);
         drop(m.time("lookup"));
         m.error("lookup", libc::ENOENT);
-        let text = m.render(&usage());
+        let lower = LowerUsage {
+            nvme: Some((5000, 300, 3)),
+            flush_queue: Some(2),
+            upload_queue: Some(7),
+            s3_up: Some(false),
+        };
+        let text = m.render(&usage(), &lower);
         for want in [
+            "kvfs_tier_capacity_bytes{tier=\"nvme\"} 5000",
+            "kvfs_tier_used_bytes{tier=\"nvme\"} 300",
+            "kvfs_queue_jobs{queue=\"flush\"} 2",
+            "kvfs_queue_jobs{queue=\"upload\"} 7",
+            "kvfs_tier_up{tier=\"s3\"} 0",
             "kvfs_lookup_hits_total 1",
             "kvfs_sealed_bytes_total 4096",
             "kvfs_fuse_op_seconds_count{op=\"lookup\"} 1",

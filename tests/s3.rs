@@ -697,7 +697,11 @@ fn rename_over_an_uploaded_name_during_an_outage_keeps_the_new_object() {
 fn status_table_shows_the_nvme_and_s3_tiers() {
     let srv = S3Server::start();
     let nvme = disk_dir();
-    let m = mount(&srv, "kv/status", &["--nvme-dir", nvme.path().to_str().unwrap()]);
+    let m = mount(
+        &srv,
+        "kv/status",
+        &["--nvme-dir", nvme.path().to_str().unwrap()],
+    );
     fs::write(m.path("f.bin"), block(50, 1 << 20)).unwrap();
     wait_uploaded(&m, 1, 30);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvfs"))
@@ -715,5 +719,24 @@ fn status_table_shows_the_nvme_and_s3_tiers() {
     };
     assert!(line("nvme").contains("write-backs queued"), "{text}");
     let s3 = line("s3");
-    assert!(s3.contains(" up ") && s3.contains("uploaded 1 files"), "{text}");
+    assert!(
+        s3.contains(" up ") && s3.contains("uploaded 1 files"),
+        "{text}"
+    );
+    // The same through Prometheus (the upload job ends just after its
+    // count moves: poll).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut stats = fs::read_to_string(m.path(".kvfs/stats")).unwrap();
+    while !stats.contains("kvfs_queue_jobs{queue=\"upload\"} 0") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        stats = fs::read_to_string(m.path(".kvfs/stats")).unwrap();
+    }
+    for want in [
+        "kvfs_tier_up{tier=\"s3\"} 1",
+        "kvfs_queue_jobs{queue=\"upload\"} 0",
+        "kvfs_queue_jobs{queue=\"flush\"} 0",
+        "kvfs_tier_files{tier=\"nvme\"} 1",
+    ] {
+        assert!(stats.contains(want), "missing {want:?} in:\n{stats}");
+    }
 }

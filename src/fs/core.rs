@@ -1092,7 +1092,13 @@ impl Kvfs {
 
     /// Prometheus text, served at `.kvfs/stats` and by `--metrics-addr`.
     pub fn prometheus_text(&self) -> String {
-        self.metrics.render(&self.host.usage())
+        let lower = crate::metrics::LowerUsage {
+            nvme: self.nvme_usage().map(|(c, u, f, _)| (c, u, f)),
+            flush_queue: self.has_nvme().then(|| self.pending_flushes()),
+            upload_queue: self.s3_queue_depth(),
+            s3_up: self.s3_healthy(),
+        };
+        self.metrics.render(&self.host.usage(), &lower)
     }
 
     /// The daemon's state as JSON, served at `.kvfs/status`.

@@ -542,6 +542,17 @@ impl Kvfs {
         }
     }
 
+    /// S3 jobs queued or running.
+    pub(super) fn s3_queue_depth(&self) -> Option<u64> {
+        let remote = self.remote.as_ref()?;
+        let q = lock(&remote.jobs);
+        Some((q.pending.len() + q.running.len()) as u64)
+    }
+
+    pub(super) fn s3_healthy(&self) -> Option<bool> {
+        Some(self.remote.as_ref()?.tier.healthy())
+    }
+
     pub(super) fn s3_usage(&self) -> Option<S3Usage> {
         let remote = self.remote.as_ref()?;
         let c = &remote.tier.counters;
