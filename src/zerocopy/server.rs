@@ -1161,7 +1161,28 @@ mod tests {
 
     /// Runs `child_process_entry` in a new process as `uid` (None: ours).
     fn spawn_child(mode: &str, socket: &Path, uid: Option<u32>) -> (Child, mpsc::Receiver<String>) {
-        let exe = std::env::current_exe().expect("current_exe");
+        let mut exe = std::env::current_exe().expect("current_exe");
+        // Another user may not reach the test binary where it was built (a
+        // checkout under a 0700 directory): run a copy from a directory
+        // anyone can enter, removed once the child runs (spawn returns
+        // after exec).
+        let mut copy_dir = None;
+        if uid.is_some() {
+            use std::os::unix::fs::PermissionsExt;
+            static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let dir =
+                std::env::temp_dir().join(format!("kvfs-zc-child-{}-{n}", std::process::id()));
+            std::fs::create_dir(&dir).expect("child dir");
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+                .expect("chmod child dir");
+            let copy = dir.join("child");
+            std::fs::copy(&exe, &copy).expect("copy test binary");
+            std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755))
+                .expect("chmod test binary");
+            exe = copy;
+            copy_dir = Some(dir);
+        }
         let mut cmd = Command::new(exe);
         cmd.args([
             "--exact",
@@ -1177,7 +1198,11 @@ mod tests {
         if let Some(uid) = uid {
             cmd.uid(uid).gid(uid);
         }
-        let mut child = cmd.spawn().expect("spawn child");
+        let spawned = cmd.spawn();
+        if let Some(dir) = copy_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        let mut child = spawned.expect("spawn child");
         let stdout = child.stdout.take().expect("child stdout");
         let (tx, rx) = mpsc::channel();
         thread::spawn(move || {
