@@ -1198,7 +1198,18 @@ mod tests {
         if let Some(uid) = uid {
             cmd.uid(uid).gid(uid);
         }
-        let spawned = cmd.spawn();
+        // A copy just written can be "busy" for a moment: another test
+        // thread's fork may still hold its write descriptor until exec.
+        let mut spawned = cmd.spawn();
+        for _ in 0..50 {
+            match &spawned {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                    thread::sleep(Duration::from_millis(20));
+                    spawned = cmd.spawn();
+                }
+                _ => break,
+            }
+        }
         if let Some(dir) = copy_dir {
             let _ = std::fs::remove_dir_all(dir);
         }
