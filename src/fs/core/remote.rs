@@ -63,6 +63,9 @@ pub(super) struct Remote {
     /// Keys this node removed lately, and when: a lookup or listing sent
     /// before the removal can answer after it.
     removed: Mutex<HashMap<String, Instant>>,
+    /// Keys an upload is writing right now (its file may be renamed or
+    /// unlinked while the bytes travel).
+    sending: Mutex<std::collections::HashSet<String>>,
 }
 
 /// Jobs waiting, and what the running ones touch.
@@ -162,6 +165,7 @@ impl Kvfs {
             backlog_bytes: AtomicU64::new(0),
             node: fastrand::u64(..),
             removed: Mutex::new(HashMap::new()),
+            sending: Mutex::new(Default::default()),
         });
         // Files recovered from NVMe may or may not be in S3 already.
         let files: Vec<Ino> = {
@@ -341,6 +345,11 @@ impl Kvfs {
         if let Ok(ino) = ns.lookup(parent, name) {
             return Ok(Some(ino)); // created here meanwhile
         }
+        // Removed by this node while the answer travelled: not back. Under
+        // the namespace lock, which every removal holds while it queues.
+        if found.is_some() && Self::leaving_keys(remote).contains(&key) {
+            return Ok(None);
+        }
         let owner = self.found_owner(&ns);
         match found {
             None => {
@@ -452,8 +461,10 @@ impl Kvfs {
                 return;
             }
         };
-        let leaving = Self::leaving_keys(remote);
         let mut ns = self.ns();
+        // Under the namespace lock, which every removal holds while it
+        // queues its job.
+        let leaving = Self::leaving_keys(remote);
         let owner = self.found_owner(&ns);
         let is_root = dir == crate::namespace::ROOT_INO;
         for name in listing.dirs {
@@ -741,8 +752,19 @@ impl Kvfs {
                 (None, None) => return Ok(()), // gone
             };
             node.lower.uploading = true;
+            if let Some(remote) = &self.remote {
+                lock(&remote.sending).insert(key.clone());
+            }
             (key, node.lower.version, source)
         };
+        // Until this returns (after any delete of the key is queued).
+        struct Sending<'a>(&'a Remote, String);
+        impl Drop for Sending<'_> {
+            fn drop(&mut self) {
+                lock(&self.0.sending).remove(&self.1);
+            }
+        }
+        let _sending = self.remote.as_ref().map(|r| Sending(r, key.clone()));
         let sent = (|| {
             let (file, _host);
             let (fd, len, mtime) = match &source {
@@ -892,6 +914,8 @@ impl Kvfs {
         let now = Instant::now();
         removed.retain(|_, at| now.duration_since(*at) < REMOVED_MEMORY);
         keys.extend(removed.keys().cloned());
+        drop(removed);
+        keys.extend(lock(&remote.sending).iter().cloned());
         keys
     }
 
