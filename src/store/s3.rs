@@ -192,6 +192,17 @@ fn smithy_time(t: Option<&aws_sdk_s3::primitives::DateTime>) -> SystemTime {
         .unwrap_or(UNIX_EPOCH)
 }
 
+/// Size and time of an object from its HEAD (the time kvfs stored, else
+/// the server's).
+fn object_info(out: &aws_sdk_s3::operation::head_object::HeadObjectOutput) -> ObjectInfo {
+    let mtime = parse_mtime(out.metadata().and_then(|m| m.get(META_MTIME)))
+        .unwrap_or_else(|| smithy_time(out.last_modified()));
+    ObjectInfo {
+        size: out.content_length().unwrap_or(0).max(0) as u64,
+        mtime,
+    }
+}
+
 /// HTTP status of a failed request, when the server answered at all.
 fn status_of<E>(e: &SdkError<E, HttpResponse>) -> Option<u16> {
     e.raw_response().map(|r| r.status().as_u16())
@@ -282,6 +293,16 @@ impl S3Tier {
             key: key.to_string(),
             message: DisplayErrorContext(&e).to_string(),
             answered,
+        }
+    }
+
+    /// A lookup S3 did not answer in time: the tier counts as down.
+    fn lookup_timed_out(&self, op: &'static str, key: &str) -> S3Error {
+        self.healthy.store(false, Ordering::Relaxed);
+        S3Error::Timeout {
+            op,
+            key: key.to_string(),
+            secs: LOOKUP_TIMEOUT.as_secs(),
         }
     }
 
@@ -507,23 +528,10 @@ impl S3Tier {
             .rt
             .block_on(async { tokio::time::timeout(LOOKUP_TIMEOUT, req).await });
         match res {
-            Err(_) => {
-                self.healthy.store(false, Ordering::Relaxed);
-                Err(S3Error::Timeout {
-                    op: "head",
-                    key: key.to_string(),
-                    secs: LOOKUP_TIMEOUT.as_secs(),
-                })
-            }
+            Err(_) => Err(self.lookup_timed_out("head", key)),
             Ok(Ok(out)) => {
                 self.ok();
-                let meta = out.metadata();
-                let mtime = parse_mtime(meta.and_then(|m| m.get(META_MTIME)))
-                    .unwrap_or_else(|| smithy_time(out.last_modified()));
-                Ok(Some(ObjectInfo {
-                    size: out.content_length().unwrap_or(0).max(0) as u64,
-                    mtime,
-                }))
+                Ok(Some(object_info(&out)))
             }
             Ok(Err(e)) => match self.fail("head", key, e) {
                 S3Error::NotFound(_) => {
@@ -579,12 +587,7 @@ impl S3Tier {
             .await
         };
         let Ok((head, list)) = self.rt.block_on(both) else {
-            self.healthy.store(false, Ordering::Relaxed);
-            return Err(S3Error::Timeout {
-                op: "lookup",
-                key: key.to_string(),
-                secs: LOOKUP_TIMEOUT.as_secs(),
-            });
+            return Err(self.lookup_timed_out("lookup", key));
         };
         let Some(head) = head else {
             self.ok();
@@ -593,13 +596,7 @@ impl S3Tier {
         match head {
             Ok(out) => {
                 self.ok();
-                let meta = out.metadata();
-                let mtime = parse_mtime(meta.and_then(|m| m.get(META_MTIME)))
-                    .unwrap_or_else(|| smithy_time(out.last_modified()));
-                Ok(Some(Found::File(ObjectInfo {
-                    size: out.content_length().unwrap_or(0).max(0) as u64,
-                    mtime,
-                })))
+                Ok(Some(Found::File(object_info(&out))))
             }
             Err(e) => match self.fail("head", key, e) {
                 S3Error::NotFound(_) => {
@@ -611,36 +608,6 @@ impl S3Tier {
                 }
                 e => Err(e),
             },
-        }
-    }
-
-    /// Whether any object lies below `key/` (a directory in the bucket).
-    pub fn is_dir(&self, key: &str) -> Result<bool> {
-        let full = format!("{}/", self.full_key(key));
-        let req = self
-            .client
-            .list_objects_v2()
-            .bucket(&self.bucket)
-            .prefix(&full)
-            .max_keys(1)
-            .send();
-        let res = self
-            .rt
-            .block_on(async { tokio::time::timeout(LOOKUP_TIMEOUT, req).await });
-        match res {
-            Err(_) => {
-                self.healthy.store(false, Ordering::Relaxed);
-                Err(S3Error::Timeout {
-                    op: "list",
-                    key: key.to_string(),
-                    secs: LOOKUP_TIMEOUT.as_secs(),
-                })
-            }
-            Ok(Ok(out)) => {
-                self.ok();
-                Ok(out.key_count().unwrap_or(0) > 0 || !out.contents().is_empty())
-            }
-            Ok(Err(e)) => Err(self.fail("list", key, e)),
         }
     }
 
