@@ -468,6 +468,27 @@ static OPS_RUN: AtomicU64 = AtomicU64::new(0);
 /// ENOENT would test little.
 static OPS_OK: AtomicU64 = AtomicU64::new(0);
 
+/// Shrinking replays many sequences after the first failure, so the daemon
+/// log at the panic no longer shows the one that failed first: keep a copy of
+/// it, with that sequence, next to the test's temp files.
+fn keep_first_failure(m: &KvfsMount, mode: &str, ops: &[Op], e: &TestCaseError) {
+    static KEPT: std::sync::Once = std::sync::Once::new();
+    KEPT.call_once(|| {
+        let path = std::env::temp_dir().join(format!(
+            "kvfs-model-failure-{}-{}.log",
+            mode.replace('+', "-"),
+            std::process::id()
+        ));
+        let log = fs::read(m.log_path()).unwrap_or_default();
+        // The failing sequence is at the end; the whole log may be huge.
+        let log = String::from_utf8_lossy(&log[log.len().saturating_sub(8 << 20)..]);
+        let text = format!("{e}\nsequence: {ops:?}\n--- daemon log ---\n{log}");
+        if fs::write(&path, text).is_ok() {
+            eprintln!("first failure and daemon log kept in {}", path.display());
+        }
+    });
+}
+
 #[test]
 fn kvfs_matches_the_model() {
     let cases: u32 = std::env::var("KVFS_MODEL_CASES")
@@ -531,7 +552,12 @@ fn kvfs_matches_the_model() {
             s3_args.iter().map(String::as_str).collect(),
         ),
     ];
+    // KVFS_MODEL_SETUP=NAME runs one setup only (a soak of the slowest).
+    let only = std::env::var("KVFS_MODEL_SETUP").ok();
     for (mode, args) in setups {
+        if only.as_deref().is_some_and(|o| o != mode) {
+            continue;
+        }
         let m = if mode.ends_with("s3") {
             KvfsMount::start_env(&args, &srv.env())
         } else {
@@ -551,9 +577,12 @@ fn kvfs_matches_the_model() {
                 root: &m.mnt,
                 held: Vec::new(),
             };
-            for op in &ops {
+            for (n, op) in ops.iter().enumerate() {
                 OPS_RUN.fetch_add(1, Ordering::Relaxed);
-                step(op, &mut model, &mut real)?;
+                if let Err(e) = step(op, &mut model, &mut real) {
+                    keep_first_failure(&m, mode, &ops[..=n], &e);
+                    return Err(e);
+                }
             }
             Ok(())
         });

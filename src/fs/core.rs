@@ -862,6 +862,7 @@ impl Kvfs {
         self.check_writable_parent(parent, name)?;
         let mut ns = self.ns();
         let ino = ns.unlink(parent, name, SystemTime::now())?;
+        tracing::debug!(parent, name = ?name, ino, "unlink");
         self.drop_lower_copies(&mut ns, ino);
         self.unlinked(&mut ns, ino);
         Ok(())
@@ -889,6 +890,7 @@ impl Kvfs {
         let src = ns.lookup(parent, name)?;
         let dst = ns.lookup(newparent, newname).ok();
         let out = ns.rename(parent, name, newparent, newname, mode, SystemTime::now())?;
+        tracing::debug!(src, from = ?name, to = ?newname, newparent, replaced = ?out.replaced, "rename");
         if self.has_lower_tiers() {
             if let Some(old) = out.replaced {
                 self.drop_lower_copies(&mut ns, old);

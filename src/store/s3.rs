@@ -20,6 +20,7 @@ use aws_sdk_s3::Client;
 use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::error::DisplayErrorContext;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::operation::list_objects_v2::ListObjectsV2Error;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
 
@@ -126,6 +127,16 @@ pub enum Found {
     Dir,
 }
 
+const NO_CREDENTIALS: &str = "no S3 credentials found: set AWS_ACCESS_KEY_ID and \
+     AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run with an instance role";
+
+/// What a LIST says a name is.
+enum Named {
+    Absent,
+    File,
+    Dir,
+}
+
 /// One level of a directory in the bucket: names relative to it.
 #[derive(Debug, Default)]
 pub struct Listing {
@@ -145,6 +156,7 @@ pub struct S3Counters {
 pub struct S3Tier {
     rt: tokio::runtime::Runtime,
     client: Client,
+    credentials: Option<aws_sdk_s3::config::SharedCredentialsProvider>,
     bucket: String,
     prefix: String,
     part_size: u64,
@@ -171,6 +183,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const SINGLE_PUT_MAX: u64 = 64 << 20;
 /// Lookups (HEAD, small LIST) give up sooner: the caller is a stat.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
+/// Pages of names that sort between `key` and `key/` a lookup reads at
+/// most before it decides.
+const LOOKUP_PAGES: usize = 4;
 
 fn b64(crc: u32) -> String {
     aws_smithy_types::base64::encode(crc.to_be_bytes())
@@ -243,6 +258,7 @@ impl S3Tier {
             conf = conf.region(aws_config::Region::new("us-east-1"));
         }
         let client = Client::from_conf(conf.build());
+        let credentials = shared.credentials_provider();
         let prefix = match cfg.prefix.trim_matches('/') {
             "" => String::new(),
             p => format!("{p}/"),
@@ -250,6 +266,7 @@ impl S3Tier {
         Ok(S3Tier {
             rt,
             client,
+            credentials,
             bucket: cfg.bucket.clone(),
             prefix,
             part_size: cfg.part_size.max(5 << 20),
@@ -314,6 +331,7 @@ impl S3Tier {
     /// Checks that the bucket exists and the credentials work; errors are
     /// one line naming the problem.
     pub fn check(&self) -> Result<()> {
+        self.check_credentials()?;
         let req = self.client.head_bucket().bucket(&self.bucket).send();
         let res = self
             .rt
@@ -343,6 +361,26 @@ impl S3Tier {
                     ),
                 }))
             }
+        }
+    }
+
+    /// The credential chain found something: without this, a missing key
+    /// shows as a dispatch failure that reads like an unreachable endpoint.
+    fn check_credentials(&self) -> Result<()> {
+        use aws_sdk_s3::config::ProvideCredentials;
+        let Some(provider) = &self.credentials else {
+            return Err(S3Error::Settings(NO_CREDENTIALS.into()));
+        };
+        let found = self.rt.block_on(async {
+            tokio::time::timeout(LOOKUP_TIMEOUT * 2, provider.provide_credentials()).await
+        });
+        match found {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(S3Error::Settings(format!("{NO_CREDENTIALS} ({e})"))),
+            Err(_) => Err(S3Error::Settings(format!(
+                "{NO_CREDENTIALS} (the credential chain did not answer within {} s)",
+                (LOOKUP_TIMEOUT * 2).as_secs()
+            ))),
         }
     }
 
@@ -544,9 +582,11 @@ impl S3Tier {
     }
 
     /// What `key` is: an object, a directory (objects below `key/`), or
-    /// nothing. HEAD and LIST go out together, so a lookup costs one round
-    /// trip; some servers answer HEAD of a "directory" with an error, so a
-    /// directory wins over a failed HEAD.
+    /// nothing. One LIST (prefix `key`, delimiter `/`) decides, because it
+    /// sees both the object and the directory: a HEAD alone can be fooled
+    /// (s3s-fs answers HEAD of a directory that once was an object with the
+    /// old object's metadata). The HEAD that brings a file's metadata goes
+    /// out beside the LIST, so a lookup costs one round trip.
     pub fn lookup(&self, key: &str) -> Result<Option<Found>> {
         // One attempt: a lookup that fails is a miss, and a retry would
         // hold the caller's stat for up to a second of backoff.
@@ -561,54 +601,98 @@ impl S3Tier {
             .customize()
             .config_override(quick.clone())
             .send();
-        let list = self
-            .client
-            .list_objects_v2()
-            .bucket(&self.bucket)
-            .prefix(format!("{full}/"))
-            .max_keys(1)
-            .customize()
-            .config_override(quick)
-            .send();
-        // HEAD runs beside the LIST; a directory does not wait for it.
         let head = self.rt.spawn(head);
         let both = async {
             tokio::time::timeout(LOOKUP_TIMEOUT, async {
-                let list = list.await;
-                let is_dir = list.as_ref().is_ok_and(|out| {
-                    out.key_count().unwrap_or(0) > 0 || !out.contents().is_empty()
-                });
-                if is_dir {
+                let named = self.list_name(&full, &quick).await;
+                if !matches!(named, Ok(Named::File)) {
                     head.abort();
-                    return (None, list);
+                    return (named, None);
                 }
-                (head.await.ok(), list)
+                (named, head.await.ok())
             })
             .await
         };
-        let Ok((head, list)) = self.rt.block_on(both) else {
+        let Ok((named, head)) = self.rt.block_on(both) else {
             return Err(self.lookup_timed_out("lookup", key));
         };
-        let Some(head) = head else {
-            self.ok();
-            return Ok(Some(Found::Dir));
-        };
-        match head {
-            Ok(out) => {
+        match named.map_err(|e| self.fail("list", key, e))? {
+            Named::Absent => {
                 self.ok();
-                Ok(Some(Found::File(object_info(&out))))
+                Ok(None)
             }
-            Err(e) => match self.fail("head", key, e) {
-                S3Error::NotFound(_) => {
-                    self.healthy.store(true, Ordering::Relaxed);
-                    match list {
-                        Ok(_) => Ok(None),
-                        Err(e) => Err(self.fail("list", key, e)),
-                    }
+            Named::Dir => {
+                self.ok();
+                Ok(Some(Found::Dir))
+            }
+            Named::File => match head {
+                Some(Ok(out)) => {
+                    self.ok();
+                    Ok(Some(Found::File(object_info(&out))))
                 }
-                e => Err(e),
+                Some(Err(e)) => match self.fail("head", key, e) {
+                    // Deleted between the LIST and the HEAD.
+                    S3Error::NotFound(_) => {
+                        self.healthy.store(true, Ordering::Relaxed);
+                        Ok(None)
+                    }
+                    e => Err(e),
+                },
+                None => Err(S3Error::Timeout {
+                    op: "head",
+                    key: key.to_string(),
+                    secs: LOOKUP_TIMEOUT.as_secs(),
+                }),
             },
         }
+    }
+
+    /// Lists prefix `full` with delimiter `/`: a common prefix `full/` is a
+    /// directory, a key equal to `full` an object. Keys sort by byte, so
+    /// only names that extend `full` with a byte below `/` (`e-1`, `e.x`)
+    /// come before `full/`: more than one page is rare, and bounded.
+    async fn list_name(
+        &self,
+        full: &str,
+        quick: &aws_sdk_s3::config::Builder,
+    ) -> std::result::Result<Named, SdkError<ListObjectsV2Error, HttpResponse>> {
+        let dir = format!("{full}/");
+        let mut file = false;
+        let mut token: Option<String> = None;
+        for _ in 0..LOOKUP_PAGES {
+            let page = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(full)
+                .delimiter("/")
+                .set_continuation_token(token.take())
+                .customize()
+                .config_override(quick.clone())
+                .send()
+                .await?;
+            if page
+                .common_prefixes()
+                .iter()
+                .any(|p| p.prefix() == Some(&dir))
+            {
+                return Ok(Named::Dir);
+            }
+            file |= page.contents().iter().any(|o| o.key() == Some(full));
+            let last = page
+                .contents()
+                .iter()
+                .filter_map(|o| o.key())
+                .chain(page.common_prefixes().iter().filter_map(|p| p.prefix()))
+                .max();
+            match page.next_continuation_token() {
+                Some(t) if page.is_truncated() == Some(true) && last < Some(dir.as_str()) => {
+                    token = Some(t.to_string());
+                }
+                _ => break,
+            }
+        }
+        Ok(if file { Named::File } else { Named::Absent })
     }
 
     /// Reads the whole object into `dst` (from offset 0) with parallel

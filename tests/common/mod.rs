@@ -11,6 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod s3;
+pub mod store;
 
 /// The two data paths every filesystem test runs in.
 pub const MODES: [&str; 2] = ["passthrough", "fallback"];
@@ -123,6 +124,10 @@ impl KvfsMount {
 
     pub fn path(&self, rel: &str) -> PathBuf {
         self.mnt.join(rel)
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("kvfs.log")
     }
 
     /// The last lines of the daemon's log, for failure messages.

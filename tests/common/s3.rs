@@ -294,6 +294,23 @@ impl S3Server {
         })
     }
 
+    pub fn delete(&self, key: &str) {
+        self.rt.block_on(async {
+            self.client
+                .delete_object()
+                .bucket(BUCKET)
+                .key(key)
+                .send()
+                .await
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "DELETE {key}: {}",
+                        aws_sdk_s3::error::DisplayErrorContext(&e)
+                    )
+                });
+        });
+    }
+
     /// Puts an object, with the given metadata.
     pub fn put(&self, key: &str, data: &[u8], meta: &[(&str, &str)]) {
         self.rt.block_on(async {

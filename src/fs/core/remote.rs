@@ -604,7 +604,7 @@ impl Kvfs {
     }
 
     /// Runs one job; `Err` with a transient error means "try again later".
-    fn run_job(&self, job: &mut Job) -> std::result::Result<(), S3Error> {
+    fn run_job(&self, job: &mut Job, claim: &Claim) -> std::result::Result<(), S3Error> {
         match job {
             Job::Upload { ino, .. } => tracing::debug!(ino, "s3 job: upload"),
             Job::Delete { key } => tracing::debug!(key, "s3 job: delete"),
@@ -615,6 +615,7 @@ impl Kvfs {
                 if self.holds_s3_key(key) {
                     // An upload queued before this delete already put the
                     // new file's object there: deleting it would lose it.
+                    tracing::debug!(key, "delete skipped: a file holds the key");
                     return Ok(());
                 }
                 let res = self.remote_tier()?.delete(key);
@@ -645,7 +646,9 @@ impl Kvfs {
                 }
                 Ok(())
             }
-            Job::Upload { ino, adopt, done } => self.upload(*ino, *adopt, done.is_some()),
+            Job::Upload { ino, adopt, done } => {
+                self.upload(*ino, *adopt, done.is_some(), claim.keys.first())
+            }
         }
     }
 
@@ -715,7 +718,13 @@ impl Kvfs {
     /// one, else from NVMe.
     /// A file still open for writing is sent only for an fsync (`sync`):
     /// its seal queues it again.
-    fn upload(&self, ino: Ino, adopt: bool, sync: bool) -> std::result::Result<(), S3Error> {
+    fn upload(
+        &self,
+        ino: Ino,
+        adopt: bool,
+        sync: bool,
+        claimed: Option<&String>,
+    ) -> std::result::Result<(), S3Error> {
         let tier = self.remote_tier()?;
         // Under the lock: what to send, and mark it in flight.
         enum Source {
@@ -724,8 +733,16 @@ impl Kvfs {
         }
         let (key, version, source) = {
             let mut ns = self.ns();
-            let Some(key) = ns.path_of(ino).map(|p| p.to_string_lossy().into_owned()) else {
+            if ns.path_of(ino).is_none() {
                 return Ok(()); // unlinked meanwhile
+            }
+            // Renamed since the job was picked: the queue let other jobs run
+            // on the new name beside this one (a delete of the object the
+            // rename replaced), so it writes the name it claimed, and the
+            // move after the upload sends it to the new one.
+            let key = match claimed {
+                Some(k) => k.clone(),
+                None => return Ok(()),
             };
             let nvme_path = ns
                 .get(ino)
@@ -738,12 +755,16 @@ impl Kvfs {
             match node.kind {
                 NodeKind::File { writers, .. }
                     if !node.lower.uploading && (writers == 0 || sync) => {}
-                _ => return Ok(()), // a writer's seal queues it again
+                _ => {
+                    tracing::debug!(ino, key, "upload skipped: open for writing or sending");
+                    return Ok(()); // a writer's seal queues it again
+                }
             }
             if node.lower.s3.as_ref().is_some_and(|c| c.key == key)
                 && !node.lower.s3_stale
                 && node.open == 0
             {
+                tracing::debug!(ino, key, "upload skipped: already there");
                 return Ok(()); // already there
             }
             let source = match (self.host.get(ino), nvme_path) {
@@ -833,10 +854,11 @@ impl Kvfs {
             .get_mut(ino)
             .map_err(|e| S3Error::Settings(e.to_string()))?;
         if node.nlink == 0 || node.lower.version != version {
+            tracing::debug!(ino, key, "uploaded an old version or an unlinked file");
             self.push_job(Job::Delete { key });
             return Ok(());
         }
-        tracing::debug!(ino, key, "uploaded");
+        tracing::debug!(ino, key, current = ?current, "uploaded");
         node.lower.s3 = Some(RemoteCopy {
             key: key.clone(),
             size: len,
@@ -929,7 +951,7 @@ impl Kvfs {
     /// Takes the first queued job that touches nothing a running or an
     /// earlier queued job touches. The namespace lock is taken first, as
     /// everywhere (jobs are queued under it).
-    fn next_job(&self, remote: &Remote) -> Option<(Job, u32, u64)> {
+    fn next_job(&self, remote: &Remote) -> Option<(Job, u32, Claim)> {
         let ns = self.ns();
         let mut q = lock(&remote.jobs);
         if q.paused_until.is_some_and(|t| Instant::now() < t) {
@@ -949,9 +971,8 @@ impl Kvfs {
         let (job, refusals) = q.pending.remove(i)?;
         q.next_claim += 1;
         claim.id = q.next_claim;
-        let id = claim.id;
-        q.running.push(claim);
-        Some((job, refusals, id))
+        q.running.push(claim.clone());
+        Some((job, refusals, claim))
     }
 
     /// Ends a job; `retry` puts it back at the head and pauses the queue
@@ -987,14 +1008,15 @@ fn upload_loop(core: Weak<Kvfs>) {
         if remote.stopped.load(Ordering::Relaxed) {
             return;
         }
-        let Some((mut job, refusals, id)) = k.next_job(remote) else {
+        let Some((mut job, refusals, claim)) = k.next_job(remote) else {
             // Bounded, so that the strong reference is let go of now and
             // then and the core can end with the mount.
             let q = lock(&remote.jobs);
             let _ = remote.wake.wait_timeout(q, Duration::from_millis(200));
             continue;
         };
-        match k.run_job(&mut job) {
+        let id = claim.id;
+        match k.run_job(&mut job, &claim) {
             Ok(()) => {
                 k.finish_job(remote, id, None);
                 if let Job::Upload {
