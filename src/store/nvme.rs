@@ -53,6 +53,9 @@ const CHUNK: usize = 1 << 20;
 /// Requests in flight per transfer: enough to keep one device queue busy
 /// while the CPU copies the next chunk.
 const DEPTH: usize = 4;
+/// Where earlier builds parked copies during a rename: no file of the mount
+/// can have this name (the root's `.kvfs` is the control directory).
+const PARKED: &str = ".kvfs";
 /// O_DIRECT alignment (offsets, lengths and buffer addresses).
 const ALIGN: usize = 4096;
 /// Idle engines kept for reuse; each holds DEPTH * CHUNK bytes of buffers.
@@ -306,7 +309,17 @@ impl NvmeTier {
     /// returns their crc32c. When this returns, the file is durable under its
     /// name; on error nothing is left behind and any previous copy is intact.
     pub fn put_from_fd(&self, key: &str, src: BorrowedFd<'_>, len: u64) -> Result<u32, NvmeError> {
-        let key = check_key(key)?;
+        check_key(key)?;
+        let staged = self.stage_from_fd(src, len)?;
+        self.commit(staged, key)
+    }
+
+    /// The first half of [`NvmeTier::put_from_fd`]: writes `len` bytes of
+    /// `src` to a temp file, durable but under no name yet. A caller whose
+    /// file may be renamed meanwhile commits it under the name it has then
+    /// ([`NvmeTier::commit`]), holding its own lock; dropping it unused
+    /// removes it.
+    pub fn stage_from_fd(&self, src: BorrowedFd<'_>, len: u64) -> Result<Staged<'_>, NvmeError> {
         let needed = round_up_u64(len);
         let reservation = self.reserve(needed)?;
 
@@ -318,7 +331,7 @@ impl NvmeTier {
             flags |= libc::O_DIRECT;
         }
         let fd = open_path(&tmp, flags, FILE_MODE).map_err(io_err("open", &tmp))?;
-        let mut guard = TempFile(Some(&tmp));
+        let guard = TempFile(Some(tmp.clone()));
 
         if len > 0 {
             // Reserves the extent up front: a full disk fails here rather
@@ -379,14 +392,35 @@ impl NvmeTier {
             .st_blocks as u64
             * 512;
         drop(fd);
+        Ok(Staged {
+            tmp: guard,
+            reservation,
+            allocated,
+            crc,
+        })
+    }
 
-        let dest = self.data.join(key);
+    /// Gives a staged file its name `key`, replacing any copy there, and
+    /// makes the name durable. Returns the file's crc32c.
+    pub fn commit(&self, staged: Staged<'_>, key: &str) -> Result<u32, NvmeError> {
+        let dest = self.data.join(check_key(key)?);
+        let Staged {
+            mut tmp,
+            reservation,
+            allocated,
+            crc,
+        } = staged;
+        let Some(tmp_path) = tmp.0.clone() else {
+            return Err(NvmeError::NotFound {
+                key: key.to_owned(),
+            });
+        };
         let mut created = Vec::new();
         let parent = {
             let _names = lock_or_recover(&self.names);
             let replaced = allocated_at(&dest).map_err(io_err("stat", &dest))?;
-            self.rename_creating_parents(&tmp, &dest, &mut created)?;
-            guard.0 = None;
+            self.rename_creating_parents(&tmp_path, &dest, &mut created)?;
+            tmp.0 = None;
             reservation.commit(allocated);
             self.sub_used(replaced);
             open_dir(parent_of(&dest)).map_err(io_err("open", parent_of(&dest)))?
@@ -475,6 +509,60 @@ impl NvmeTier {
         Ok(())
     }
 
+    /// Swaps the copies (files or whole directories) at `a` and `b` in one
+    /// syscall (`renameat2(RENAME_EXCHANGE)`), so a crash leaves both names
+    /// as they were or both swapped; where only one exists it is renamed to
+    /// the other name.
+    pub fn exchange(&self, a: &str, b: &str) -> Result<(), NvmeError> {
+        let pa = self.data.join(check_key(a)?);
+        let pb = self.data.join(check_key(b)?);
+        let (parent_a, parent_b) = {
+            let _names = lock_or_recover(&self.names);
+            let has_a = lstat(&pa).map_err(io_err("stat", &pa))?.is_some();
+            let has_b = lstat(&pb).map_err(io_err("stat", &pb))?.is_some();
+            match (has_a, has_b) {
+                (true, true) => {}
+                (false, false) => return Ok(()),
+                (true, false) => {
+                    drop(_names);
+                    return self.rename(a, b);
+                }
+                (false, true) => {
+                    drop(_names);
+                    return self.rename(b, a);
+                }
+            }
+            let (ca, cb) = (
+                cpath(&pa).map_err(io_err("rename", &pa))?,
+                cpath(&pb).map_err(io_err("rename", &pb))?,
+            );
+            // SAFETY: two valid C strings; plain syscall.
+            cvt(unsafe {
+                libc::renameat2(
+                    libc::AT_FDCWD,
+                    ca.as_ptr(),
+                    libc::AT_FDCWD,
+                    cb.as_ptr(),
+                    libc::RENAME_EXCHANGE,
+                )
+            })
+            .map_err(io_err("renameat2 exchange", &pb))?;
+            let fa = open_dir(parent_of(&pa)).map_err(io_err("open", parent_of(&pa)))?;
+            let fb = if parent_of(&pa) == parent_of(&pb) {
+                None
+            } else {
+                Some(open_dir(parent_of(&pb)).map_err(io_err("open", parent_of(&pb)))?)
+            };
+            (fa, fb)
+        };
+        for (fd, path) in std::iter::once((parent_a, &pa)).chain(parent_b.map(|f| (f, &pb))) {
+            // SAFETY: plain syscall on an fd we own.
+            cvt(unsafe { libc::fsync(fd.as_raw_fd()) })
+                .map_err(io_err("fsync", parent_of(path)))?;
+        }
+        Ok(())
+    }
+
     /// Lists every file under `data/` with valid metadata and recomputes
     /// [`NvmeTier::used`]. Files without valid metadata (torn by a crash on
     /// some filesystems, or put there by someone else), anything that is not
@@ -507,6 +595,12 @@ impl NvmeTier {
                     removed += remove_any(&path, ft.is_dir());
                     continue;
                 };
+                if prefix.is_empty() && name == PARKED {
+                    // Copies parked half-way through a two-step move by an
+                    // older kvfs that crashed: their names are unknown.
+                    removed += remove_any(&path, ft.is_dir());
+                    continue;
+                }
                 let key = if prefix.is_empty() {
                     name.to_owned()
                 } else {
@@ -773,12 +867,21 @@ impl Drop for Reservation<'_> {
     }
 }
 
-/// Unlinks a temp file on early return.
-struct TempFile<'a>(Option<&'a Path>);
+/// A file written under `tmp/`, waiting for its name
+/// ([`NvmeTier::commit`]); removed, with its space, if dropped.
+pub struct Staged<'a> {
+    tmp: TempFile,
+    reservation: Reservation<'a>,
+    allocated: u64,
+    crc: u32,
+}
 
-impl Drop for TempFile<'_> {
+/// Unlinks a temp file on early return.
+struct TempFile(Option<PathBuf>);
+
+impl Drop for TempFile {
     fn drop(&mut self) {
-        if let Some(p) = self.0 {
+        if let Some(p) = &self.0 {
             let _ = fs::remove_file(p);
         }
     }
@@ -873,7 +976,7 @@ fn probe(dir: &Path) -> Result<bool, NvmeError> {
     let magic = sfs.f_type as i64;
 
     let path = dir.join("probe");
-    let _cleanup = TempFile(Some(&path));
+    let _cleanup = TempFile(Some(path.clone()));
     let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_TRUNC | libc::O_CLOEXEC;
     let fd = open_path(&path, flags, FILE_MODE).map_err(io_err("open", &path))?;
     fsetxattr(fd.as_raw_fd(), XATTR_LEN, b"0").map_err(|e| NvmeError::Io {
@@ -1824,6 +1927,54 @@ mod tests {
             assert_eq!(left, ["keep"]);
             assert!(!data.join("keep/torn.bin").exists());
             assert_eq!(tier.used(), allocated(dir.path()));
+        }
+    }
+
+    #[test]
+    fn exchange_swaps_files_and_directories_in_one_step() {
+        for (dir, _) in dirs() {
+            let (tier, _) = open(dir.path(), 1 << 30);
+            let (a, b, c) = (pattern(5000, 1), pattern(9000, 2), pattern(3000, 3));
+            put(&tier, "x/f", &a);
+            put(&tier, "y", &b);
+            put(&tier, "z/deep/g", &c);
+            // File and directory trade places.
+            tier.exchange("x", "y").expect("exchange");
+            assert_eq!(get(&tier, "y/f").expect("get"), a);
+            assert_eq!(get(&tier, "x").expect("get"), b);
+            // Only one side exists: a rename.
+            tier.exchange("nothing/here", "z")
+                .expect("exchange with a missing side");
+            assert_eq!(get(&tier, "nothing/here/deep/g").expect("get"), c);
+            assert!(!dir.path().join("data/z").exists());
+            tier.exchange("n1", "n2").expect("neither exists");
+            assert_eq!(tier.used(), allocated(dir.path()));
+            // A scan after the swaps finds every copy under its new name.
+            let mut keys: Vec<String> = tier
+                .scan()
+                .expect("scan")
+                .into_iter()
+                .map(|r| r.key)
+                .collect();
+            keys.sort();
+            assert_eq!(keys, ["nothing/here/deep/g", "x", "y/f"]);
+        }
+    }
+
+    #[test]
+    fn scan_drops_copies_parked_by_an_interrupted_move() {
+        for (dir, _) in dirs() {
+            let (tier, _) = open(dir.path(), 1 << 30);
+            put(&tier, "kept", &pattern(4096, 1));
+            put(&tier, ".kvfs/moving/17", &pattern(4096, 2));
+            let keys: Vec<String> = tier
+                .scan()
+                .expect("scan")
+                .into_iter()
+                .map(|r| r.key)
+                .collect();
+            assert_eq!(keys, ["kept"]);
+            assert!(!dir.path().join("data/.kvfs").exists());
         }
     }
 

@@ -18,7 +18,7 @@ use super::{FsError, Kvfs, Result, io_err, lock};
 use crate::namespace::{Ino, Namespace, NodeKind, NsError, Owner};
 use crate::store::HostFile;
 use crate::store::host::SetTime;
-use crate::store::nvme::{NvmeError, NvmeTier, Recovered};
+use crate::store::nvme::{NvmeError, NvmeTier, Recovered, Staged};
 
 /// A request to the flusher; `done` hears the outcome (fsync waits on it).
 pub(super) struct FlushJob {
@@ -230,41 +230,42 @@ impl Kvfs {
             node.lower.flushing = true;
             (key, node.lower.version, file)
         };
-        let copied = self.copy_out(lower, &key, &file);
+        // Written under no name yet: the name is given below, under the
+        // namespace lock, as the file is called then. Named at the start,
+        // a copy could land on a name the file was renamed away from and
+        // another file took meanwhile, replacing that file's copy.
+        let staged = self.copy_out(lower, &file);
         let mut ns = self.ns();
         let Ok(node) = ns.get_mut(ino) else {
-            let _ = lower.tier.remove(&key);
-            return copied;
+            return staged.map(drop);
         };
         node.lower.flushing = false;
-        if let Err(e) = copied {
-            if self.host.get(ino).is_none() && node.lower.nvme.is_none() {
-                // Evicted from the host while being copied: nothing holds
-                // the bytes any more.
-                self.forget_file(&mut ns, ino);
+        let (staged, times) = match staged {
+            Ok(s) => s,
+            Err(e) => {
+                if self.host.get(ino).is_none() && node.lower.nvme.is_none() {
+                    // Evicted from the host while being copied: nothing holds
+                    // the bytes any more.
+                    self.forget_file(&mut ns, ino);
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
+        };
         let stale = node.nlink == 0 || node.lower.version != version;
         if stale {
-            let _ = lower.tier.remove(&key);
             if node.nlink > 0 && self.host.get(ino).is_none() {
                 self.forget_file(&mut ns, ino);
             }
             return Ok(());
         }
-        // A rename while copying moved the name: follow it on disk.
         let now = ns.path_of(ino).map(|p| p.to_string_lossy().into_owned());
         let Some(now) = now else { return Ok(()) };
         if now != key {
-            let at_key = lower
-                .tier
-                .path_of(&key)
-                .map(|p| p.exists())
-                .unwrap_or(false);
-            if at_key {
-                lower.tier.rename(&key, &now).map_err(nvme_err)?;
-            }
+            tracing::debug!(ino, from = %key, to = %now, "renamed while copied to NVMe");
+        }
+        lower.tier.commit(staged, &now).map_err(nvme_err)?;
+        if let Ok(path) = lower.tier.path_of(&now) {
+            copy_times(&path, times.0, times.1);
         }
         let node = ns.get_mut(ino)?;
         node.lower.nvme = Some(now);
@@ -330,12 +331,18 @@ impl Kvfs {
 
     /// The long copy, outside the namespace lock. Makes room on NVMe by
     /// dropping least recently used copies when the tier is full.
-    fn copy_out(&self, lower: &Lower, key: &str, file: &HostFile) -> Result<()> {
+    /// Writes a file's bytes to an NVMe temp file, making room by LRU.
+    /// Also returns the file's atime and mtime, for the copy.
+    fn copy_out<'t>(
+        &self,
+        lower: &'t Lower,
+        file: &HostFile,
+    ) -> Result<(Staged<'t>, (SystemTime, SystemTime))> {
         let st = file.stat().map_err(io_err("fstat"))?;
         let fd = file.fd().map_err(io_err("open backing file"))?;
         loop {
-            match lower.tier.put_from_fd(key, fd.as_fd(), st.size) {
-                Ok(_) => break,
+            match lower.tier.stage_from_fd(fd.as_fd(), st.size) {
+                Ok(staged) => return Ok((staged, (st.atime, st.mtime))),
                 // Full: drop the least recently used copy and try again.
                 Err(e @ NvmeError::NoSpace { .. }) => {
                     if !self.drop_nvme_lru(file.ino()) {
@@ -345,10 +352,6 @@ impl Kvfs {
                 Err(e) => return Err(nvme_err(e)),
             }
         }
-        if let Ok(path) = lower.tier.path_of(key) {
-            copy_times(&path, st.atime, st.mtime);
-        }
-        Ok(())
     }
 
     /// Drops the least recently used NVMe copy (not of `keep`). A file that
@@ -442,46 +445,59 @@ impl Kvfs {
         }
     }
 
-    /// After a namespace rename (or exchange) touching `roots`: moves every
-    /// NVMe copy below them to its file's new path. Two phases through
-    /// temporary keys under `.kvfs/` (a name the mount's root cannot hold),
-    /// so swapped names never collide on disk.
+    /// After a namespace rename (one root) or exchange (two roots): moves
+    /// every NVMe copy below them to its file's new path. Each move is one
+    /// rename on disk (an exchange one `RENAME_EXCHANGE`), so a crash never
+    /// leaves a copy under a name that is neither its old nor its new one.
     pub(super) fn reconcile_keys(&self, ns: &mut Namespace, roots: &[Ino]) {
         let Some(lower) = &self.lower else { return };
-        let mut parked = Vec::new();
-        for &root in roots {
-            for ino in ns.files_under(root) {
-                let Ok(node) = ns.get(ino) else { continue };
-                let Some(key) = node.lower.nvme.clone() else {
-                    continue;
-                };
-                let Some(path) = ns.path_of(ino).map(|p| p.to_string_lossy().into_owned()) else {
-                    continue;
-                };
-                if key == path {
-                    continue;
-                }
-                let tmp = format!(".kvfs/moving/{ino}");
-                match lower.tier.rename(&key, &tmp) {
-                    Ok(()) => parked.push((ino, tmp, path)),
-                    Err(e) => {
-                        tracing::warn!(from = %key, error = %e, "cannot move an NVMe copy");
-                        self.lose_copy(ns, ino);
+        let path = |ns: &Namespace, ino| ns.path_of(ino).map(|p| p.to_string_lossy().into_owned());
+        if let [a, b] = *roots {
+            let (Some(pa), Some(pb)) = (path(ns, a), path(ns, b)) else {
+                return;
+            };
+            // Every copy below the two names was at the other name's path.
+            let swapped = lower.tier.exchange(&pa, &pb);
+            if let Err(e) = &swapped {
+                tracing::warn!(a = %pa, b = %pb, error = %e, "cannot exchange NVMe copies");
+            }
+            for &root in roots {
+                for ino in ns.files_under(root) {
+                    let Some(key) = ns.get(ino).ok().and_then(|n| n.lower.nvme.clone()) else {
+                        continue;
+                    };
+                    let Some(now) = path(ns, ino) else { continue };
+                    if key == now {
+                        continue;
+                    }
+                    let moved = swap_prefix(&key, &pa, &pb).is_some_and(|k| k == now);
+                    match ns.get_mut(ino) {
+                        Ok(node) if moved && swapped.is_ok() => node.lower.nvme = Some(now),
+                        _ => self.lose_copy(ns, ino),
                     }
                 }
             }
+            return;
         }
-        for (ino, tmp, path) in parked {
-            match lower.tier.rename(&tmp, &path) {
-                Ok(()) => {
-                    if let Ok(node) = ns.get_mut(ino) {
-                        node.lower.nvme = Some(path);
-                    }
+        for &root in roots {
+            for ino in ns.files_under(root) {
+                let Some(key) = ns.get(ino).ok().and_then(|n| n.lower.nvme.clone()) else {
+                    continue;
+                };
+                let Some(now) = path(ns, ino) else { continue };
+                if key == now {
+                    continue;
                 }
-                Err(e) => {
-                    tracing::warn!(to = %path, error = %e, "cannot move an NVMe copy");
-                    let _ = lower.tier.remove(&tmp);
-                    self.lose_copy(ns, ino);
+                match lower.tier.rename(&key, &now) {
+                    Ok(()) => {
+                        if let Ok(node) = ns.get_mut(ino) {
+                            node.lower.nvme = Some(now);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(from = %key, to = %now, error = %e, "cannot move an NVMe copy");
+                        self.lose_copy(ns, ino);
+                    }
                 }
             }
         }
@@ -584,5 +600,30 @@ impl Kvfs {
             files,
             lower.tier.o_direct(),
         ))
+    }
+}
+
+/// `key` with its prefix `a` replaced by `b` or `b` by `a` (whole path
+/// components only); `None` if it is below neither.
+fn swap_prefix(key: &str, a: &str, b: &str) -> Option<String> {
+    let below = |p: &str| {
+        key.strip_prefix(p)
+            .filter(|rest| rest.is_empty() || rest.starts_with('/'))
+    };
+    below(a)
+        .map(|rest| format!("{b}{rest}"))
+        .or_else(|| below(b).map(|rest| format!("{a}{rest}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::swap_prefix;
+
+    #[test]
+    fn swap_prefix_takes_whole_components() {
+        assert_eq!(swap_prefix("a/x", "a", "b").as_deref(), Some("b/x"));
+        assert_eq!(swap_prefix("b", "a", "b").as_deref(), Some("a"));
+        assert_eq!(swap_prefix("ab/x", "a", "b"), None);
+        assert_eq!(swap_prefix("c/a", "a", "b"), None);
     }
 }
