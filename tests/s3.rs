@@ -366,6 +366,62 @@ fn a_name_that_was_an_object_then_a_directory_is_not_a_file() {
     assert!(fs::read(m.path("f/a")).unwrap() == x);
 }
 
+/// `chattr +i` on a file of the server: even root cannot delete it, so the
+/// server refuses DELETE while LIST and GET still work. Undone on drop.
+struct Immutable(std::path::PathBuf);
+
+impl Immutable {
+    fn set(path: std::path::PathBuf) -> Immutable {
+        let ok = Command::new("chattr")
+            .arg("+i")
+            .arg(&path)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "chattr +i {} (e2fsprogs, on ext4/xfs)", path.display());
+        Immutable(path)
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+    }
+}
+
+// Found by the model soak: a directory whose objects this node is still
+// deleting must not come back from a lookup.
+#[test]
+fn a_directory_being_deleted_does_not_come_back() {
+    let srv = S3Server::start();
+    // A short negative-lookup TTL: the mkdir's own miss must not answer
+    // the lookup below.
+    let m = mount(&srv, "kv/leave", &["--s3-cache-ttl", "100ms"]);
+    fs::create_dir(m.path("e")).unwrap();
+    let x = block(35, 64 << 10);
+    store_llmd(&m.path("e/a"), &x);
+    wait_object(&srv, "kv/leave/e/a", &x, 30);
+    let stuck = Immutable::set(srv.bucket_dir().join("kv/leave/e/a"));
+    fs::remove_file(m.path("e/a")).unwrap();
+    fs::remove_dir(m.path("e")).unwrap();
+    assert!(
+        srv.exists("kv/leave/e/a"),
+        "the server deleted an immutable file"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(err_of(fs::metadata(m.path("e"))), libc::ENOENT);
+    assert!(sorted_names(&m.path("")).is_empty());
+    fs::create_dir(m.path("e")).expect("mkdir of the removed name");
+    fs::remove_dir(m.path("e")).unwrap();
+    // Once the server lets go, the delete lands and the name stays gone.
+    drop(stuck);
+    poll(
+        30,
+        || format!("e/a never deleted: {}", m.log()),
+        || (!srv.exists("kv/leave/e/a")).then_some(()),
+    );
+    assert_eq!(err_of(fs::metadata(m.path("e"))), libc::ENOENT);
+}
+
 // 5. An S3 outage: writes and reads go on, the backlog arrives afterwards.
 #[test]
 fn outage_then_the_backlog_arrives() {

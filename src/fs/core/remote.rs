@@ -346,9 +346,19 @@ impl Kvfs {
             return Ok(Some(ino)); // created here meanwhile
         }
         // Removed by this node while the answer travelled: not back. Under
-        // the namespace lock, which every removal holds while it queues.
-        if found.is_some() && Self::leaving_keys(remote).contains(&key) {
-            return Ok(None);
+        // the namespace lock, which every removal holds while it queues. A
+        // directory may be in S3 only for the objects this node is removing
+        // below it (as in readdir).
+        if found.is_some() {
+            let leaving = Self::leaving_keys(remote);
+            let below = format!("{key}/");
+            let gone = match found {
+                Some(Ok(_)) => leaving.contains(&key),
+                _ => leaving.iter().any(|k| k.starts_with(&below)),
+            };
+            if gone {
+                return Ok(None);
+            }
         }
         let owner = self.found_owner(&ns);
         match found {
