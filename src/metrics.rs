@@ -7,7 +7,7 @@
 //! daemon, so byte counters cover only what the daemon itself moved;
 //! `sealed_bytes` counts what writers stored.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -349,21 +349,44 @@ pub fn serve(
     Ok(bound)
 }
 
+/// Bytes of request line and headers read at most: a scraper sends a few
+/// hundred; anything longer is refused rather than buffered.
+const MAX_REQUEST_HEAD: u64 = 16 << 10;
+/// Time a client gets to send its request, however slowly it trickles.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+
 /// Reads one request (headers only) and answers it; scrapers send nothing
-/// else, and a slow or silent client is cut off after a few seconds.
+/// else. A slow, silent or oversized request is cut off: the server has one
+/// thread, and a client must not hold it or its memory.
 fn answer(stream: TcpStream, render: &(dyn Fn() -> String + Send + Sync)) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
-    let is_get = line.starts_with("GET ");
-    loop {
-        let mut header = String::new();
-        if reader.read_line(&mut header)? == 0 || header == "\r\n" || header == "\n" {
+    let deadline = Instant::now() + REQUEST_DEADLINE;
+    let mut reader = BufReader::new(stream.try_clone()?.take(MAX_REQUEST_HEAD));
+    let mut read_line = |buf: &mut Vec<u8>| -> std::io::Result<usize> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        stream.set_read_timeout(Some(left))?;
+        reader.read_until(b'\n', buf)
+    };
+    let mut line = Vec::new();
+    read_line(&mut line)?;
+    let is_get = line.starts_with(b"GET ");
+    let mut complete = line.ends_with(b"\n");
+    while complete {
+        let mut header = Vec::new();
+        let n = read_line(&mut header)?;
+        if header == b"\r\n" || header == b"\n" {
             break;
         }
+        complete = n > 0 && header.ends_with(b"\n");
     }
-    let (status, body) = if is_get {
+    let (status, body) = if !complete {
+        (
+            "431 Request Header Fields Too Large",
+            format!("request head over {MAX_REQUEST_HEAD} bytes or cut short\n"),
+        )
+    } else if is_get {
         ("200 OK", render())
     } else {
         ("405 Method Not Allowed", "only GET\n".to_string())
@@ -437,5 +460,39 @@ mod tests {
         std::io::Read::read_to_string(&mut s, &mut out).unwrap();
         assert!(out.starts_with("HTTP/1.1 200 OK"), "{out}");
         assert!(out.ends_with("\r\n\r\nx 1\n"), "{out}");
+    }
+
+    /// Hostile requests get an error answer or a closed connection, never
+    /// the server's memory or its thread: it answers a scrape after them.
+    #[test]
+    fn bad_requests_leave_the_server_serving() {
+        let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(|| "x 1\n".to_string());
+        let addr = serve("127.0.0.1:0".parse().unwrap(), render).unwrap();
+        let ask = |req: &[u8]| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            // The server may answer and close before reading it all.
+            let _ = s.write_all(req);
+            let _ = s.shutdown(std::net::Shutdown::Write);
+            let mut out = Vec::new();
+            let _ = s.read_to_end(&mut out);
+            String::from_utf8_lossy(&out).into_owned()
+        };
+        let huge = [b"GET /".as_slice(), &vec![b'a'; 1 << 20]].concat();
+        assert!(ask(&huge).starts_with("HTTP/1.1 431"));
+        let many = [
+            b"GET / HTTP/1.1\r\n".as_slice(),
+            &b"X: y\r\n".repeat(10_000),
+        ]
+        .concat();
+        assert!(ask(&many).starts_with("HTTP/1.1 431"));
+        let garbage: Vec<u8> = (0..4096u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        let out = ask(&garbage);
+        assert!(out.is_empty() || out.starts_with("HTTP/1.1 4"), "{out}");
+        assert!(ask(b"POST / HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 405"));
+        assert!(ask(b"GET / HTTP/1.1\r\n").starts_with("HTTP/1.1 431"));
+        drop(TcpStream::connect(addr).unwrap());
+        assert!(ask(b"GET /metrics HTTP/1.1\r\n\r\n").ends_with("x 1\n"));
     }
 }

@@ -590,3 +590,82 @@ fn metrics_move_with_the_workload() {
         "{after}"
     );
 }
+
+/// The control directory takes no changes: every attempt fails with an
+/// errno, and the status file, the stats and the mount keep working.
+#[test]
+fn the_control_directory_refuses_every_change() {
+    let m = KvfsMount::start(&[]);
+    fs::write(m.path("f"), b"data").unwrap();
+    let status = m.path(".kvfs/status");
+    let attempts: Vec<(&str, i32)> = vec![
+        (
+            "open status for writing",
+            err_of(OpenOptions::new().write(true).open(&status)),
+        ),
+        ("truncate status", {
+            let c = cstr(&status);
+            // SAFETY: a valid C string.
+            if unsafe { libc::truncate(c.as_ptr(), 0) } == 0 {
+                0
+            } else {
+                errno()
+            }
+        }),
+        ("create in .kvfs", err_of(File::create(m.path(".kvfs/new")))),
+        ("mkdir in .kvfs", err_of(fs::create_dir(m.path(".kvfs/d")))),
+        ("unlink status", err_of(fs::remove_file(&status))),
+        (
+            "rename status out",
+            err_of(fs::rename(&status, m.path("s"))),
+        ),
+        (
+            "rename a file in",
+            err_of(fs::rename(m.path("f"), m.path(".kvfs/f"))),
+        ),
+        (
+            "rename over status",
+            err_of(fs::rename(m.path("f"), &status)),
+        ),
+        (
+            "rename a file to .kvfs",
+            err_of(fs::rename(m.path("f"), m.path(".kvfs"))),
+        ),
+        ("mkdir .kvfs", err_of(fs::create_dir(m.path(".kvfs")))),
+        ("rmdir .kvfs", err_of(fs::remove_dir(m.path(".kvfs")))),
+        (
+            "chmod status",
+            err_of(fs::set_permissions(
+                &status,
+                fs::Permissions::from_mode(0o666),
+            )),
+        ),
+        (
+            "symlink in .kvfs",
+            err_of(std::os::unix::fs::symlink("f", m.path(".kvfs/l"))),
+        ),
+    ];
+    for (what, e) in &attempts {
+        assert!(
+            [
+                libc::EACCES,
+                libc::EPERM,
+                libc::EEXIST,
+                libc::EBUSY,
+                libc::EROFS,
+                libc::ENOTEMPTY,
+                libc::EISDIR
+            ]
+            .contains(e),
+            "{what}: errno {e}"
+        );
+    }
+    let st = m.status();
+    assert!(st["host"]["files"].as_u64() == Some(1), "{st}");
+    assert_eq!(fs::read(m.path("f")).unwrap(), b"data");
+    assert!(
+        fs::read_to_string(m.path(".kvfs/stats"))
+            .unwrap()
+            .contains("kvfs_")
+    );
+}
