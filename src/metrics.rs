@@ -42,7 +42,7 @@ pub struct Counters {
     pub fallback_opens: Counter,
     /// Files (or lower-tier copies) dropped to make room.
     pub evictions: Counter,
-    /// NVMe-only files copied back into the host tier on open.
+    /// Files copied back into the host tier (from NVMe or S3) on open.
     pub promotions: Counter,
 }
 
@@ -95,6 +95,15 @@ struct TierLabel {
     tier: &'static str,
 }
 
+/// One kind of I/O of a tier below the host tier: `nvme` `write` (a
+/// write-back) or `read` (a promotion); `s3` `put` (an upload), `get` (a
+/// fetch) or `lookup` (HEAD and LIST of a name no local tier has).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TierOpLabel {
+    pub tier: &'static str,
+    pub op: &'static str,
+}
+
 fn latency_histogram() -> Histogram {
     // 10 us to ~10 s: metadata ops take microseconds, a fallback read of a
     // whole block tens of milliseconds.
@@ -128,6 +137,9 @@ pub struct Metrics {
     pub counters: Counters,
     pub op_seconds: Family<OpLabel, Histogram, fn() -> Histogram>,
     pub errors: Family<ErrorLabel, Counter>,
+    tier_seconds: Family<TierOpLabel, Histogram, fn() -> Histogram>,
+    tier_bytes: Family<TierOpLabel, Counter>,
+    tier_errors: Family<TierOpLabel, Counter>,
     capacity: Gauges,
     used: Gauges,
     files: Gauges,
@@ -202,6 +214,11 @@ impl Metrics {
                 "Files dropped from a tier to make room",
                 &c.evictions,
             ),
+            (
+                "promotions",
+                "Files copied back into the host tier from NVMe or S3",
+                &c.promotions,
+            ),
         ] {
             registry.register(name, help, counter.clone());
         }
@@ -217,6 +234,26 @@ impl Metrics {
             "fuse_errors",
             "FUSE requests answered with an error, by operation and errno",
             errors.clone(),
+        );
+        let tier_seconds: Family<TierOpLabel, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "tier_io_seconds",
+            "Time of each I/O of the NVMe and S3 tiers, by tier and operation \
+             (nvme write/read, s3 put/get/lookup)",
+            tier_seconds.clone(),
+        );
+        let tier_bytes = Family::<TierOpLabel, Counter>::default();
+        registry.register(
+            "tier_io_bytes",
+            "Bytes moved by the NVMe and S3 tiers, by tier and operation",
+            tier_bytes.clone(),
+        );
+        let tier_errors = Family::<TierOpLabel, Counter>::default();
+        registry.register(
+            "tier_io_errors",
+            "Failed I/O of the NVMe and S3 tiers, by tier and operation",
+            tier_errors.clone(),
         );
         let gauges = |registry: &mut Registry, name, help| {
             let g = Gauges::default();
@@ -254,6 +291,9 @@ impl Metrics {
             counters,
             op_seconds,
             errors,
+            tier_seconds,
+            tier_bytes,
+            tier_errors,
             capacity,
             used,
             files,
@@ -271,6 +311,25 @@ impl Metrics {
             op,
             start: Instant::now(),
         }
+    }
+
+    /// Records one I/O of a lower tier that began at `start`: its time, and
+    /// its bytes if it succeeded (`Some`), else an error.
+    pub fn tier_io(
+        &self,
+        tier: &'static str,
+        op: &'static str,
+        start: Instant,
+        bytes: Option<u64>,
+    ) {
+        let label = TierOpLabel { tier, op };
+        self.tier_seconds
+            .get_or_create(&label)
+            .observe(start.elapsed().as_secs_f64());
+        match bytes {
+            Some(n) => self.tier_bytes.get_or_create(&label).inc_by(n),
+            None => self.tier_errors.get_or_create(&label).inc(),
+        };
     }
 
     pub fn error(&self, op: &'static str, errno: i32) {

@@ -81,6 +81,14 @@ fn write_back_demotion_and_promotion() {
     assert!(st["host"]["used"].as_u64().unwrap() <= 16 << 20);
     // The disk mirrors the mount's paths.
     assert!(nvme.path().join("data/f3").is_file());
+    // The tier's I/O shows in the metrics.
+    let io = |what: &str| m.metric(&format!("kvfs_tier_io_{what}"));
+    assert!(io("bytes_total{tier=\"nvme\",op=\"write\"}") >= (24 << 20) as f64);
+    assert!(io("bytes_total{tier=\"nvme\",op=\"read\"}") >= (4 << 20) as f64);
+    assert!(io("seconds_count{tier=\"nvme\",op=\"write\"}") >= 6.0);
+    assert!(io("seconds_count{tier=\"nvme\",op=\"read\"}") >= 1.0);
+    assert_eq!(io("errors_total{tier=\"nvme\",op=\"read\"}"), 0.0);
+    assert!(m.metric("kvfs_promotions_total") >= 1.0);
 }
 
 #[test]

@@ -166,6 +166,16 @@ fn write_back_of_both_store_patterns() {
     // Reads on the mount still give the bytes.
     assert_eq!(fs::read(m.path("model/r0/a.bin")).unwrap(), a);
     assert_eq!(fs::read(m.path("model/r0/b.bin")).unwrap(), b);
+    // The uploads and a lookup of a name nobody has show in the metrics.
+    let put = m.metric("kvfs_tier_io_bytes_total{tier=\"s3\",op=\"put\"}");
+    assert!(put >= (a.len() + b.len()) as f64, "put bytes {put}");
+    let lookups = "kvfs_tier_io_seconds_count{tier=\"s3\",op=\"lookup\"}";
+    let before = m.metric(lookups);
+    assert_eq!(
+        err_of(fs::metadata(m.path("model/r0/none.bin"))),
+        libc::ENOENT
+    );
+    assert_eq!(m.metric(lookups), before + 1.0);
 }
 
 // 2a. Host tier only: a restart loses memory, S3 still has the file.
@@ -190,6 +200,8 @@ fn s3_only_file_after_a_restart_without_nvme() {
     assert!(fs::read(m.path("d/small.bin")).unwrap() == small);
     let names = sorted_names(&m.path("d"));
     assert_eq!(names, ["big.bin", "small.bin"]);
+    let got = m.metric("kvfs_tier_io_bytes_total{tier=\"s3\",op=\"get\"}");
+    assert!(got >= (big.len() + small.len()) as f64, "get bytes {got}");
 }
 
 // 2b. With an NVMe tier whose directory is wiped between mounts.

@@ -137,6 +137,16 @@ impl KvfsMount {
         lines[lines.len().saturating_sub(60)..].join("\n")
     }
 
+    /// The value of one line of `.kvfs/stats` (Prometheus text), e.g.
+    /// `kvfs_creates_total` or `kvfs_tier_io_bytes_total{tier="nvme",op="write"}`;
+    /// 0 when absent.
+    pub fn metric(&self, key: &str) -> f64 {
+        let text = std::fs::read_to_string(self.path(".kvfs/stats")).expect("read stats");
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
     pub fn status(&self) -> serde_json::Value {
         let text = std::fs::read_to_string(self.path(".kvfs/status")).expect("read status");
         serde_json::from_str(&text).expect("status is JSON")

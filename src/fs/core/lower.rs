@@ -234,7 +234,11 @@ impl Kvfs {
         // namespace lock, as the file is called then. Named at the start,
         // a copy could land on a name the file was renamed away from and
         // another file took meanwhile, replacing that file's copy.
+        let started = Instant::now();
         let staged = self.copy_out(lower, &file);
+        let size = file.stat().map(|st| st.size).unwrap_or(0);
+        let bytes = staged.as_ref().ok().map(|_| size);
+        self.metrics.tier_io("nvme", "write", started, bytes);
         let mut ns = self.ns();
         let Ok(node) = ns.get_mut(ino) else {
             return staged.map(drop);
@@ -539,7 +543,11 @@ impl Kvfs {
         };
         let file = self.host.create(ino)?;
         let fd = file.fd().map_err(io_err("open backing file"))?;
-        match lower.tier.get_to_fd(&key, fd.as_fd()) {
+        let started = Instant::now();
+        let got = lower.tier.get_to_fd(&key, fd.as_fd());
+        self.metrics
+            .tier_io("nvme", "read", started, got.as_ref().ok().copied());
+        match got {
             Ok(_) => {
                 if let Ok(path) = lower.tier.path_of(&key)
                     && let Ok(md) = std::fs::metadata(path)

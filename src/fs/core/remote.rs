@@ -332,7 +332,11 @@ impl Kvfs {
             return Ok(None);
         }
         // An outage is a miss: the connector recomputes; nothing is lost.
-        let found = match remote.tier.lookup(&key) {
+        let started = Instant::now();
+        let answer = remote.tier.lookup(&key);
+        self.metrics
+            .tier_io("s3", "lookup", started, answer.as_ref().ok().map(|_| 0));
+        let found = match answer {
             Ok(Some(Found::File(info))) => Some(Ok(info)),
             Ok(Some(Found::Dir)) => Some(Err(())),
             Ok(None) => None,
@@ -536,10 +540,13 @@ impl Kvfs {
         };
         let file = self.host.create(ino)?;
         let fd = file.fd().map_err(io_err("open backing file"))?;
-        match remote
+        let started = Instant::now();
+        let got = remote
             .tier
-            .get_to_fd(&copy.key, fd.as_fd(), Some(copy.size))
-        {
+            .get_to_fd(&copy.key, fd.as_fd(), Some(copy.size));
+        self.metrics
+            .tier_io("s3", "get", started, got.as_ref().ok().copied());
+        match got {
             Ok(_) => {
                 let _ = file.set_times(SetTime::Omit, SetTime::At(copy.mtime));
                 self.host.remeasure(ino);
@@ -836,7 +843,10 @@ impl Kvfs {
             if let Some(remote) = &self.remote {
                 remote.backlog_bytes.fetch_add(len, Ordering::Relaxed);
             }
+            let started = Instant::now();
             let res = tier.put_from_fd(&key, fd, len, mtime);
+            self.metrics
+                .tier_io("s3", "put", started, res.as_ref().ok().map(|_| len));
             if let Some(remote) = &self.remote {
                 remote.backlog_bytes.fetch_sub(len, Ordering::Relaxed);
             }
