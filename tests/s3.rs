@@ -476,6 +476,11 @@ fn outage_then_the_backlog_arrives() {
     let mut keys = srv.keys("kv/outage/");
     keys.sort();
     assert_eq!(keys.len(), 21, "{keys:?}");
+    // The operator sees the outage as two lines, in order.
+    let log = fs::read_to_string(m.log_path()).unwrap();
+    let down = log.find("S3 tier down").expect("no line when S3 went down");
+    let up = log.find("S3 tier up again").expect("no line when S3 came back");
+    assert!(down < up);
 }
 
 /// Runs `kvfs mount` in the foreground expecting a failure: its exit

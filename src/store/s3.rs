@@ -289,6 +289,18 @@ impl S3Tier {
         self.healthy.load(Ordering::Relaxed)
     }
 
+    /// Records whether the server answered; a change is one line at info
+    /// (back up) or warn (down), the events an operator looks for.
+    fn set_healthy(&self, up: bool) {
+        if self.healthy.swap(up, Ordering::Relaxed) != up {
+            if up {
+                tracing::info!(bucket = %self.bucket, "S3 tier up again");
+            } else {
+                tracing::warn!(bucket = %self.bucket, "S3 tier down: it does not answer");
+            }
+        }
+    }
+
     fn full_key(&self, key: &str) -> String {
         format!("{}{}", self.prefix, key.trim_start_matches('/'))
     }
@@ -300,7 +312,7 @@ impl S3Tier {
     {
         let status = status_of(&e);
         let answered = status.is_some();
-        self.healthy.store(answered, Ordering::Relaxed);
+        self.set_healthy(answered);
         if status == Some(404) || matches!(e.code(), Some("NoSuchKey" | "NotFound")) {
             return S3Error::NotFound(key.to_string());
         }
@@ -315,7 +327,7 @@ impl S3Tier {
 
     /// A lookup S3 did not answer in time: the tier counts as down.
     fn lookup_timed_out(&self, op: &'static str, key: &str) -> S3Error {
-        self.healthy.store(false, Ordering::Relaxed);
+        self.set_healthy(false);
         S3Error::Timeout {
             op,
             key: key.to_string(),
@@ -325,7 +337,7 @@ impl S3Tier {
 
     fn ok(&self) {
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
-        self.healthy.store(true, Ordering::Relaxed);
+        self.set_healthy(true);
     }
 
     /// Checks that the bucket exists and the credentials work; errors are
@@ -347,8 +359,7 @@ impl S3Tier {
                 Ok(())
             }
             Ok(Err(e)) => {
-                self.healthy
-                    .store(status_of(&e).is_some(), Ordering::Relaxed);
+                self.set_healthy(status_of(&e).is_some());
                 Err(S3Error::Settings(match status_of(&e) {
                     Some(404) => format!("s3 bucket {bucket} does not exist"),
                     Some(401 | 403) => {
@@ -573,7 +584,7 @@ impl S3Tier {
             }
             Ok(Err(e)) => match self.fail("head", key, e) {
                 S3Error::NotFound(_) => {
-                    self.healthy.store(true, Ordering::Relaxed);
+                    self.set_healthy(true);
                     Ok(None)
                 }
                 e => Err(e),
@@ -633,7 +644,7 @@ impl S3Tier {
                 Some(Err(e)) => match self.fail("head", key, e) {
                     // Deleted between the LIST and the HEAD.
                     S3Error::NotFound(_) => {
-                        self.healthy.store(true, Ordering::Relaxed);
+                        self.set_healthy(true);
                         Ok(None)
                     }
                     e => Err(e),

@@ -56,6 +56,31 @@ fn nvme_err(e: NvmeError) -> FsError {
 }
 
 /// Sets a file's times on its NVMe copy, so a demoted file keeps them.
+/// One info line at most every 10 s while writers wait for write-back: the
+/// host tier is too small for the write rate, or the disk too slow.
+fn log_pressure(waited: Duration) {
+    static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let last = LAST.load(std::sync::atomic::Ordering::Relaxed);
+    if now >= last + 10
+        && LAST
+            .compare_exchange(
+                last,
+                now,
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+            )
+            .is_ok()
+    {
+        tracing::info!(
+            waited_ms = waited.as_millis() as u64,
+            "host tier full of files not yet written back: writers wait (eviction pressure)"
+        );
+    }
+}
+
 fn copy_times(to: &std::path::Path, atime: SystemTime, mtime: SystemTime) {
     let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(to.as_os_str()));
     let Ok(c) = c else { return };
@@ -326,17 +351,20 @@ impl Kvfs {
         if !self.has_lower_tiers() {
             return;
         }
-        let deadline = Instant::now() + BACKPRESSURE_LIMIT;
+        let start = Instant::now();
+        let deadline = start + BACKPRESSURE_LIMIT;
         while self.host.is_jammed() && Instant::now() < deadline {
             let g = lock(&self.progress.0);
             let _ = self.progress.1.wait_timeout(g, Duration::from_millis(20));
         }
+        if start.elapsed() >= Duration::from_millis(20) {
+            log_pressure(start.elapsed());
+        }
     }
 
-    /// The long copy, outside the namespace lock. Makes room on NVMe by
-    /// dropping least recently used copies when the tier is full.
-    /// Writes a file's bytes to an NVMe temp file, making room by LRU.
-    /// Also returns the file's atime and mtime, for the copy.
+    /// The long copy, outside the namespace lock: a file's bytes to an NVMe
+    /// temp file, making room by dropping least recently used copies when
+    /// the tier is full. Also returns the file's atime and mtime.
     fn copy_out<'t>(
         &self,
         lower: &'t Lower,
