@@ -589,6 +589,13 @@ fn metrics_move_with_the_workload() {
         value(&after, "kvfs_tier_used_bytes{tier=\"host\"}") >= 3000.0,
         "{after}"
     );
+    // At debug level each request's events carry the operation's span.
+    let log = fs::read_to_string(m.log_path()).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("fuse{op=\"lookup\"}") && l.contains("request failed")),
+        "no lookup span in the debug log"
+    );
 }
 
 /// The control directory takes no changes: every attempt fails with an

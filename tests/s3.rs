@@ -479,7 +479,9 @@ fn outage_then_the_backlog_arrives() {
     // The operator sees the outage as two lines, in order.
     let log = fs::read_to_string(m.log_path()).unwrap();
     let down = log.find("S3 tier down").expect("no line when S3 went down");
-    let up = log.find("S3 tier up again").expect("no line when S3 came back");
+    let up = log
+        .find("S3 tier up again")
+        .expect("no line when S3 came back");
     assert!(down < up);
 }
 

@@ -124,7 +124,22 @@ impl OpenReply for ReplyCreate {
     }
 }
 
+/// What every FUSE request holds while it runs: its latency timer and a
+/// debug-level span naming the operation (so a debug log groups each
+/// request's events).
+struct Op<'a> {
+    _timer: crate::metrics::OpTimer<'a>,
+    _span: tracing::span::EnteredSpan,
+}
+
 impl FuseFs {
+    fn op(&self, op: &'static str) -> Op<'_> {
+        Op {
+            _timer: self.core.metrics.time(op),
+            _span: tracing::debug_span!("fuse", op).entered(),
+        }
+    }
+
     pub fn new(core: Arc<Kvfs>, want: DataPath) -> FuseFs {
         FuseFs {
             core,
@@ -207,7 +222,7 @@ impl Filesystem for FuseFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let _timer = self.core.metrics.time("lookup");
+        let _op = self.op("lookup");
         let attr = tri!(self, "lookup", reply, self.core.lookup(parent.0, name));
         reply.entry(&TTL, &file_attr(&attr), Generation(0));
     }
@@ -218,12 +233,12 @@ impl Filesystem for FuseFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        let _timer = self.core.metrics.time("forget");
+        let _op = self.op("forget");
         self.core.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        let _timer = self.core.metrics.time("getattr");
+        let _op = self.op("getattr");
         let attr = tri!(self, "getattr", reply, self.core.getattr(ino.0));
         reply.attr(&TTL, &file_attr(&attr));
     }
@@ -246,7 +261,7 @@ impl Filesystem for FuseFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let _timer = self.core.metrics.time("setattr");
+        let _op = self.op("setattr");
         let set = SetAttr {
             mode,
             uid,
@@ -274,7 +289,7 @@ impl Filesystem for FuseFs {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
-        let _timer = self.core.metrics.time("mknod");
+        let _op = self.op("mknod");
         let attr = tri!(
             self,
             "mknod",
@@ -293,7 +308,7 @@ impl Filesystem for FuseFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        let _timer = self.core.metrics.time("mkdir");
+        let _op = self.op("mkdir");
         let attr = tri!(
             self,
             "mkdir",
@@ -304,13 +319,13 @@ impl Filesystem for FuseFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _timer = self.core.metrics.time("unlink");
+        let _op = self.op("unlink");
         tri!(self, "unlink", reply, self.core.unlink(parent.0, name));
         reply.ok();
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _timer = self.core.metrics.time("rmdir");
+        let _op = self.op("rmdir");
         tri!(self, "rmdir", reply, self.core.rmdir(parent.0, name));
         reply.ok();
     }
@@ -325,7 +340,7 @@ impl Filesystem for FuseFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let _timer = self.core.metrics.time("rename");
+        let _op = self.op("rename");
         let mode = if flags.is_empty() {
             RenameMode::Replace
         } else if flags == RenameFlags::RENAME_NOREPLACE {
@@ -346,7 +361,7 @@ impl Filesystem for FuseFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let _timer = self.core.metrics.time("open");
+        let _op = self.op("open");
         let opened = tri!(self, "open", reply, self.core.open(ino.0, flags.0));
         let backing = opened
             .file
@@ -372,7 +387,7 @@ impl Filesystem for FuseFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let _timer = self.core.metrics.time("create");
+        let _op = self.op("create");
         let (attr, opened) = tri!(
             self,
             "create",
@@ -415,7 +430,7 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let _timer = self.core.metrics.time("read");
+        let _op = self.op("read");
         let data = tri!(self, "read", reply, self.core.read(fh.0, offset, size));
         reply.data(&data);
     }
@@ -432,7 +447,7 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let _timer = self.core.metrics.time("write");
+        let _op = self.op("write");
         let n = tri!(self, "write", reply, self.core.write(fh.0, offset, data));
         reply.written(n);
     }
@@ -445,7 +460,7 @@ impl Filesystem for FuseFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        let _timer = self.core.metrics.time("flush");
+        let _op = self.op("flush");
         reply.ok();
     }
 
@@ -459,7 +474,7 @@ impl Filesystem for FuseFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let _timer = self.core.metrics.time("release");
+        let _op = self.op("release");
         tri!(self, "release", reply, self.core.release(fh.0));
         reply.ok();
     }
@@ -472,7 +487,7 @@ impl Filesystem for FuseFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let _timer = self.core.metrics.time("fsync");
+        let _op = self.op("fsync");
         // With durability `local` this returns once the file is on NVMe;
         // otherwise the bytes are already where they will stay.
         tri!(self, "fsync", reply, self.core.fsync(ino.0));
@@ -480,7 +495,7 @@ impl Filesystem for FuseFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let _timer = self.core.metrics.time("opendir");
+        let _op = self.op("opendir");
         let fh = tri!(self, "opendir", reply, self.core.opendir(ino.0));
         reply.opened(FileHandle(fh), FopenFlags::empty());
     }
@@ -493,7 +508,7 @@ impl Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let _timer = self.core.metrics.time("readdir");
+        let _op = self.op("readdir");
         let res = self.core.readdir(fh.0, offset, |ino, kind, name, next| {
             let kind = match kind {
                 Kind::Dir => FileType::Directory,
@@ -514,7 +529,7 @@ impl Filesystem for FuseFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        let _timer = self.core.metrics.time("releasedir");
+        let _op = self.op("releasedir");
         self.core.releasedir(fh.0);
         reply.ok();
     }
@@ -527,12 +542,12 @@ impl Filesystem for FuseFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let _timer = self.core.metrics.time("fsyncdir");
+        let _op = self.op("fsyncdir");
         reply.ok();
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let _timer = self.core.metrics.time("statfs");
+        let _op = self.op("statfs");
         let (capacity, free, files) = self.core.statfs();
         let bsize = u64::from(BLKSIZE);
         // Inodes are not a limited resource here; report a large pool of
@@ -560,7 +575,7 @@ impl Filesystem for FuseFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let _timer = self.core.metrics.time("setxattr");
+        let _op = self.op("setxattr");
         tri!(
             self,
             "setxattr",
@@ -571,19 +586,19 @@ impl Filesystem for FuseFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let _timer = self.core.metrics.time("getxattr");
+        let _op = self.op("getxattr");
         let value = tri!(self, "getxattr", reply, self.core.getxattr(ino.0, name));
         reply_xattr(reply, &value, size);
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let _timer = self.core.metrics.time("listxattr");
+        let _op = self.op("listxattr");
         let names = tri!(self, "listxattr", reply, self.core.listxattr(ino.0));
         reply_xattr(reply, &names, size);
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let _timer = self.core.metrics.time("removexattr");
+        let _op = self.op("removexattr");
         tri!(
             self,
             "removexattr",
@@ -594,7 +609,7 @@ impl Filesystem for FuseFs {
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
-        let _timer = self.core.metrics.time("access");
+        let _op = self.op("access");
         // Permission bits are checked by the kernel (default_permissions);
         // this only confirms the inode exists.
         tri!(self, "access", reply, self.core.getattr(ino.0));
