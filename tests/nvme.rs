@@ -105,7 +105,13 @@ fn remount_recovers_every_file_that_reached_nvme() {
     }
     fs::rename(m.path("model/ab/b4.bin"), m.path("model/moved.bin")).unwrap();
     fs::remove_file(m.path("model/ab/b3.bin")).unwrap();
+    // Owner and mode: one changed before the write-back, one after.
+    use std::os::unix::fs::{MetadataExt, PermissionsExt, chown};
+    fs::set_permissions(m.path("model/ab/b0.bin"), fs::Permissions::from_mode(0o600)).unwrap();
+    chown(m.path("model/ab/b0.bin"), Some(1234), Some(5678)).unwrap();
     wait_flushed(&m, 4);
+    fs::set_permissions(m.path("model/ab/b1.bin"), fs::Permissions::from_mode(0o640)).unwrap();
+    chown(m.path("model/ab/b1.bin"), Some(4321), None).unwrap();
     // A leftover of a crashed copy must be cleaned at mount.
     fs::write(nvme.path().join("tmp/leftover"), b"torn").unwrap();
     let args = [
@@ -132,6 +138,13 @@ fn remount_recovers_every_file_that_reached_nvme() {
         !nvme.path().join("tmp/leftover").exists(),
         "temp leftover kept"
     );
+    let owner = |p: &str| {
+        let md = fs::metadata(m.path(p)).unwrap();
+        (md.uid(), md.gid(), md.mode() & 0o7777)
+    };
+    assert_eq!(owner("model/ab/b0.bin"), (1234, 5678, 0o600));
+    assert_eq!(owner("model/ab/b1.bin"), (4321, 0, 0o640));
+    assert_eq!(owner("model/ab/b2.bin"), (0, 0, 0o644));
     assert_eq!(m.status()["files"], 4);
 }
 

@@ -505,6 +505,11 @@ impl Kvfs {
             }
             node.ctime = now;
         }
+        let owner_changed = set.mode.is_some() || set.uid.is_some() || set.gid.is_some();
+        if owner_changed && !is_dir {
+            self.record_owner(&ns, ino);
+        }
+        let node = ns.get_mut(ino)?;
         if set.atime.is_some() || set.mtime.is_some() {
             let atime = set.atime.unwrap_or(SetTime::Omit);
             let mtime = set.mtime.unwrap_or(SetTime::Omit);

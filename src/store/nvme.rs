@@ -63,6 +63,7 @@ const MAX_IDLE_ENGINES: usize = 4;
 
 const XATTR_CRC: &CStr = c"user.kvfs.crc32c";
 const XATTR_LEN: &CStr = c"user.kvfs.len";
+const XATTR_OWNER: &CStr = c"user.kvfs.owner";
 
 /// KV-cache contents reveal the prompts they were computed from.
 const FILE_MODE: libc::mode_t = 0o600;
@@ -85,6 +86,36 @@ pub struct Recovered {
     pub len: u64,
     pub crc: u32,
     pub mtime: SystemTime,
+    /// The file's owner and mode when it was written or last changed, if
+    /// recorded.
+    pub owner: Option<FileOwner>,
+}
+
+/// A file's owner and permission bits, kept beside its copy
+/// (`user.kvfs.owner` = `uid:gid:mode`, mode in octal) so a remount gives
+/// them back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileOwner {
+    pub uid: u32,
+    pub gid: u32,
+    pub perm: u16,
+}
+
+impl FileOwner {
+    fn encode(&self) -> String {
+        format!("{}:{}:{:o}", self.uid, self.gid, self.perm & 0o7777)
+    }
+
+    fn decode(x: &[u8]) -> Option<FileOwner> {
+        let s = std::str::from_utf8(x).ok()?;
+        let mut it = s.split(':');
+        let owner = FileOwner {
+            uid: it.next()?.parse().ok()?,
+            gid: it.next()?.parse().ok()?,
+            perm: u16::from_str_radix(it.next()?, 8).ok()? & 0o7777,
+        };
+        it.next().is_none().then_some(owner)
+    }
 }
 
 /// What did not match when a copy was read back.
@@ -311,7 +342,7 @@ impl NvmeTier {
     pub fn put_from_fd(&self, key: &str, src: BorrowedFd<'_>, len: u64) -> Result<u32, NvmeError> {
         check_key(key)?;
         let staged = self.stage_from_fd(src, len)?;
-        self.commit(staged, key)
+        self.commit(staged, key, None)
     }
 
     /// The first half of [`NvmeTier::put_from_fd`]: writes `len` bytes of
@@ -400,9 +431,14 @@ impl NvmeTier {
         })
     }
 
-    /// Gives a staged file its name `key`, replacing any copy there, and
-    /// makes the name durable. Returns the file's crc32c.
-    pub fn commit(&self, staged: Staged<'_>, key: &str) -> Result<u32, NvmeError> {
+    /// Gives a staged file its name `key` (and `owner`, if given), replacing
+    /// any copy there, and makes the name durable. Returns the file's crc32c.
+    pub fn commit(
+        &self,
+        staged: Staged<'_>,
+        key: &str,
+        owner: Option<FileOwner>,
+    ) -> Result<u32, NvmeError> {
         let dest = self.data.join(check_key(key)?);
         let Staged {
             mut tmp,
@@ -415,6 +451,14 @@ impl NvmeTier {
                 key: key.to_owned(),
             });
         };
+        if let Some(owner) = owner {
+            // Before the name appears, so a recovered copy has it; a lost
+            // owner (a crash of the machine before the next sync) only
+            // means the defaults.
+            let c = cpath(&tmp_path).map_err(io_err("setxattr", &tmp_path))?;
+            lsetxattr(&c, XATTR_OWNER, owner.encode().as_bytes())
+                .map_err(io_err("setxattr user.kvfs.owner", &tmp_path))?;
+        }
         let mut created = Vec::new();
         let parent = {
             let _names = lock_or_recover(&self.names);
@@ -507,6 +551,18 @@ impl NvmeTier {
                 .map_err(io_err("fsync", parent_of(&src)))?;
         }
         Ok(())
+    }
+
+    /// Records a changed owner or mode of `key`'s copy (chmod, chown).
+    pub fn set_owner(&self, key: &str, owner: FileOwner) -> Result<(), NvmeError> {
+        let path = self.data.join(check_key(key)?);
+        let c = cpath(&path).map_err(io_err("setxattr", &path))?;
+        match lsetxattr(&c, XATTR_OWNER, owner.encode().as_bytes()) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(NvmeError::NotFound {
+                key: key.to_owned(),
+            }),
+            r => r.map_err(io_err("setxattr user.kvfs.owner", &path)),
+        }
     }
 
     /// Swaps the copies (files or whole directories) at `a` and `b` in one
@@ -937,12 +993,14 @@ fn recover_one(path: &Path, key: String) -> io::Result<Option<(Recovered, u64)>>
         return Ok(None);
     }
     let mtime = md.modified()?;
+    let owner = lgetxattr(&c, XATTR_OWNER)?.and_then(|x| FileOwner::decode(x.as_bytes()));
     Ok(Some((
         Recovered {
             key,
             len,
             crc,
             mtime,
+            owner,
         },
         md.blocks() * 512,
     )))
@@ -1569,6 +1627,20 @@ fn fgetxattr(fd: RawFd, name: &CStr) -> io::Result<Option<Xattr>> {
     xattr_result(n, buf)
 }
 
+fn lsetxattr(path: &CStr, name: &CStr, value: &[u8]) -> io::Result<()> {
+    // SAFETY: path and name are NUL-terminated, value valid for its length.
+    cvt(unsafe {
+        libc::lsetxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    })?;
+    Ok(())
+}
+
 fn lgetxattr(path: &CStr, name: &CStr) -> io::Result<Option<Xattr>> {
     let mut buf = [0u8; 32];
     // SAFETY: path and name are NUL-terminated, buf valid for its length.
@@ -1927,6 +1999,27 @@ mod tests {
             assert_eq!(left, ["keep"]);
             assert!(!data.join("keep/torn.bin").exists());
             assert_eq!(tier.used(), allocated(dir.path()));
+        }
+    }
+
+    #[test]
+    fn owners_round_trip_and_bad_ones_are_ignored() {
+        let o = FileOwner {
+            uid: u32::MAX,
+            gid: 7,
+            perm: 0o4755,
+        };
+        assert_eq!(FileOwner::decode(o.encode().as_bytes()), Some(o));
+        for bad in ["", "1:2", "1:2:9", "a:2:644", "1:2:644:5", "1:2:-1"] {
+            assert_eq!(FileOwner::decode(bad.as_bytes()), None, "{bad}");
+        }
+        for (dir, _) in dirs() {
+            let (tier, _) = open(dir.path(), 1 << 30);
+            put(&tier, "f", &pattern(4096, 1));
+            tier.set_owner("f", o).expect("set owner");
+            assert!(matches!(tier.set_owner("nope", o), Err(NvmeError::NotFound { .. })));
+            let r = tier.scan().expect("scan");
+            assert_eq!(r[0].owner, Some(o));
         }
     }
 

@@ -18,7 +18,7 @@ use super::{FsError, Kvfs, Result, io_err, lock};
 use crate::namespace::{Ino, Namespace, NodeKind, NsError, Owner};
 use crate::store::HostFile;
 use crate::store::host::SetTime;
-use crate::store::nvme::{NvmeError, NvmeTier, Recovered, Staged};
+use crate::store::nvme::{FileOwner, NvmeError, NvmeTier, Recovered, Staged};
 
 /// A request to the flusher; `done` hears the outcome (fsync waits on it).
 pub(super) struct FlushJob {
@@ -104,6 +104,11 @@ impl Kvfs {
             let mut recovered = recovered;
             recovered.sort_by_key(|r| r.mtime);
             for r in recovered {
+                let owner = r.owner.map_or(owner, |o| Owner {
+                    uid: o.uid,
+                    gid: o.gid,
+                    perm: o.perm,
+                });
                 match ns.insert_sealed(&r.key, owner, r.mtime) {
                     Ok(ino) => {
                         lru.put(ino, ());
@@ -292,7 +297,12 @@ impl Kvfs {
         if now != key {
             tracing::debug!(ino, from = %key, to = %now, "renamed while copied to NVMe");
         }
-        lower.tier.commit(staged, &now).map_err(nvme_err)?;
+        let owner = ns.get(ino).ok().map(|n| FileOwner {
+            uid: n.uid,
+            gid: n.gid,
+            perm: n.perm,
+        });
+        lower.tier.commit(staged, &now, owner).map_err(nvme_err)?;
         if let Ok(path) = lower.tier.path_of(&now) {
             copy_times(&path, times.0, times.1);
         }
@@ -532,6 +542,22 @@ impl Kvfs {
                     }
                 }
             }
+        }
+    }
+
+    /// After a chmod or chown: the NVMe copy keeps the new owner and mode
+    /// for the next mount. Best effort: the copy's bytes are unaffected.
+    pub(super) fn record_owner(&self, ns: &Namespace, ino: Ino) {
+        let Some(lower) = &self.lower else { return };
+        let Ok(node) = ns.get(ino) else { return };
+        let Some(key) = &node.lower.nvme else { return };
+        let owner = FileOwner {
+            uid: node.uid,
+            gid: node.gid,
+            perm: node.perm,
+        };
+        if let Err(e) = lower.tier.set_owner(key, owner) {
+            tracing::debug!(key = %key, error = %e, "owner not recorded on the NVMe copy");
         }
     }
 
