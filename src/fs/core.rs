@@ -776,6 +776,14 @@ impl Kvfs {
         };
         let mut ns = self.ns();
         let sealed = ns.release(ino, writable)?;
+        if sealed && let Ok(node) = ns.get_mut(ino) {
+            // Before anything asks whether the file is clean: a copy taken
+            // by an fsync while it was open may be older than what the
+            // writer wrote after it (found as a flaky "older bytes" test:
+            // the host evicted a file whose only lower copy was stale).
+            node.lower.nvme_stale = node.lower.nvme.is_some();
+            node.lower.s3_stale = node.lower.s3.is_some();
+        }
         let node = ns.get(ino)?;
         let closed = node.open == 0;
         let linked = node.nlink > 0;
@@ -790,10 +798,6 @@ impl Kvfs {
             settled = !evicted.contains(&ino);
         }
         if sealed {
-            if let Ok(node) = ns.get_mut(ino) {
-                node.lower.nvme_stale = node.lower.nvme.is_some();
-                node.lower.s3_stale = node.lower.s3.is_some();
-            }
             let bytes = file.stat().map(|s| s.size).unwrap_or(0);
             self.metrics.counters.sealed_files.inc();
             self.metrics.counters.sealed_bytes.inc_by(bytes);
