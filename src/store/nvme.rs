@@ -39,7 +39,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::SystemTime;
 
@@ -56,6 +56,9 @@ const DEPTH: usize = 4;
 /// Where earlier builds parked copies during a rename: no file of the mount
 /// can have this name (the root's `.kvfs` is the control directory).
 const PARKED: &str = ".kvfs";
+/// Longest a write-back chunk waits for promotions: write-back must go on
+/// under a steady read load, or the writers behind it would stall.
+const MAX_YIELD: std::time::Duration = std::time::Duration::from_millis(20);
 /// O_DIRECT alignment (offsets, lengths and buffer addresses).
 const ALIGN: usize = 4096;
 /// Idle engines kept for reuse; each holds DEPTH * CHUNK bytes of buffers.
@@ -211,6 +214,9 @@ pub struct NvmeTier {
     /// replaces another (accounting). Held for metadata syscalls only, never
     /// across data I/O or fsync.
     names: Mutex<()>,
+    /// Reads a caller waits for (promotions) in progress: write-backs, which
+    /// nobody waits for, hold back their next chunk while there are any.
+    readers: AtomicUsize,
     _lock: fs::File,
 }
 
@@ -305,6 +311,7 @@ impl NvmeTier {
             next_tmp: AtomicU64::new(0),
             engines: Mutex::new(vec![engine]),
             names: Mutex::new(()),
+            readers: AtomicUsize::new(0),
             _lock: lock,
         };
         let recovered = tier.scan()?;
@@ -387,7 +394,9 @@ impl NvmeTier {
         let crc = {
             let mut engine = self.engine()?;
             engine
-                .write_file(src.as_raw_fd(), fd.as_raw_fd(), len, self.o_direct)
+                .write_file(src.as_raw_fd(), fd.as_raw_fd(), len, self.o_direct, &|| {
+                    self.yield_to_readers()
+                })
                 .map_err(|e| match e {
                     Xfer::Src(e) => io_err("read source", Path::new("<source fd>"))(e),
                     Xfer::Short { at } => NvmeError::Io {
@@ -479,6 +488,15 @@ impl NvmeTier {
     /// is deleted and `Corrupt` returned. On any error, what was written to
     /// `dst` is garbage: discard it.
     pub fn get_to_fd(&self, key: &str, dst: BorrowedFd<'_>) -> Result<u64, NvmeError> {
+        // A caller waits for this read: write-backs step aside meanwhile.
+        struct Reading<'a>(&'a AtomicUsize);
+        impl Drop for Reading<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        self.readers.fetch_add(1, Ordering::Relaxed);
+        let _reading = Reading(&self.readers);
         let len = self.read_verified(check_key(key)?, Some(dst.as_raw_fd()))?;
         let st = fstat(dst.as_raw_fd()).map_err(io_err("fstat", Path::new("<destination fd>")))?;
         if st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_size as u64 != len {
@@ -551,6 +569,18 @@ impl NvmeTier {
                 .map_err(io_err("fsync", parent_of(&src)))?;
         }
         Ok(())
+    }
+
+    /// Foreground before background: a write-back waits (bounded) before
+    /// each chunk while a promotion reads, so the disk serves the read that
+    /// a caller waits for first. Whatever the I/O scheduler: mq-deadline
+    /// and none ignore priority levels within a class, and an idle class
+    /// could starve write-back and, through backpressure, the writers.
+    fn yield_to_readers(&self) {
+        let start = std::time::Instant::now();
+        while self.readers.load(Ordering::Relaxed) > 0 && start.elapsed() < MAX_YIELD {
+            std::thread::sleep(std::time::Duration::from_micros(250));
+        }
     }
 
     /// Records a changed owner or mode of `key`'s copy (chmod, chown).
@@ -1303,7 +1333,16 @@ impl Engine {
 
     /// Copies `len` bytes of `src` (pread) to `dst` (ring writes) and
     /// returns their crc32c.
-    fn write_file(&mut self, src: RawFd, dst: RawFd, len: u64, direct: bool) -> Result<u32, Xfer> {
+    /// `before_chunk` runs before each chunk is sent (the tier's priority
+    /// for foreground reads).
+    fn write_file(
+        &mut self,
+        src: RawFd,
+        dst: RawFd,
+        len: u64,
+        direct: bool,
+        before_chunk: &dyn Fn(),
+    ) -> Result<u32, Xfer> {
         let chunks = len.div_ceil(CHUNK as u64);
         let mut slots = [FREE; DEPTH];
         let mut next = 0u64;
@@ -1315,6 +1354,7 @@ impl Engine {
                 let Some(i) = slots.iter().position(|s| s.state == SlotState::Free) else {
                     break;
                 };
+                before_chunk();
                 let off = next * CHUNK as u64;
                 let valid = (len - off).min(CHUNK as u64) as usize;
                 let io_len = if direct {
@@ -2017,7 +2057,10 @@ mod tests {
             let (tier, _) = open(dir.path(), 1 << 30);
             put(&tier, "f", &pattern(4096, 1));
             tier.set_owner("f", o).expect("set owner");
-            assert!(matches!(tier.set_owner("nope", o), Err(NvmeError::NotFound { .. })));
+            assert!(matches!(
+                tier.set_owner("nope", o),
+                Err(NvmeError::NotFound { .. })
+            ));
             let r = tier.scan().expect("scan");
             assert_eq!(r[0].owner, Some(o));
         }
