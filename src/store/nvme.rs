@@ -1815,6 +1815,52 @@ mod tests {
         }
     }
 
+    /// Write-back asks to yield before every chunk; the yield lasts while
+    /// a promotion reads, and never longer than MAX_YIELD.
+    #[test]
+    fn write_back_yields_to_readers_chunk_by_chunk() {
+        for (dir, direct) in dirs() {
+            let (tier, _) = open(dir.path(), 1 << 30);
+            let len = 5 * CHUNK + 1;
+            let bytes = pattern(len, 9);
+            let src = dir.path().join("src");
+            fs::write(&src, &bytes).expect("write source");
+            let src = fs::File::open(&src).expect("open source");
+            let dst = dir.path().join("dst");
+            let mut flags = libc::O_WRONLY | libc::O_CREAT;
+            if direct {
+                flags |= libc::O_DIRECT;
+            }
+            let dst = open_path(&dst, flags, FILE_MODE).expect("open dst");
+            let calls = std::cell::Cell::new(0);
+            let mut engine = Engine::new().expect("engine");
+            engine
+                .write_file(
+                    src.as_raw_fd(),
+                    dst.as_raw_fd(),
+                    len as u64,
+                    direct,
+                    &|| calls.set(calls.get() + 1),
+                )
+                .map_err(|_| "write")
+                .expect("write_file");
+            assert_eq!(calls.get(), 6);
+
+            tier.readers.store(1, Ordering::Relaxed);
+            let t = std::time::Instant::now();
+            tier.yield_to_readers();
+            assert!(t.elapsed() >= MAX_YIELD, "did not wait for the reader");
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                    tier.readers.store(0, Ordering::Relaxed);
+                });
+                tier.yield_to_readers();
+            });
+            assert_eq!(tier.readers.load(Ordering::Relaxed), 0);
+        }
+    }
+
     #[test]
     fn o_direct_on_disk_buffered_on_tmpfs() {
         for (dir, direct) in dirs() {
