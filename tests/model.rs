@@ -536,11 +536,13 @@ fn kvfs_matches_the_model() {
         ),
         (
             "passthrough+nvme",
-            // 4 KiB pages: with huge pages each small file would cost 2 MiB
-            // and a few held files would fill the tier.
+            // 4 MiB: just above the largest file a sequence can make (3.5
+            // MiB), so files are demoted and promoted often (6 MiB almost
+            // never evicted). 4 KiB pages: with huge pages each small file
+            // would cost 2 MiB and a few held files would fill the tier.
             vec![
                 "--host-capacity",
-                "6MiB",
+                "4MiB",
                 "--huge-pages",
                 "false",
                 "--nvme-dir",

@@ -494,6 +494,19 @@ impl Kvfs {
     pub(super) fn reconcile_keys(&self, ns: &mut Namespace, roots: &[Ino]) {
         let Some(lower) = &self.lower else { return };
         let path = |ns: &Namespace, ino| ns.path_of(ino).map(|p| p.to_string_lossy().into_owned());
+        // (file, where its copy is, where it belongs now)
+        let mut moved = Vec::new();
+        for &root in roots {
+            for ino in ns.files_under(root) {
+                let Some(key) = ns.get(ino).ok().and_then(|n| n.lower.nvme.clone()) else {
+                    continue;
+                };
+                match path(ns, ino) {
+                    Some(now) if now != key => moved.push((ino, key, now)),
+                    _ => {}
+                }
+            }
+        }
         if let [a, b] = *roots {
             let (Some(pa), Some(pb)) = (path(ns, a), path(ns, b)) else {
                 return;
@@ -503,43 +516,25 @@ impl Kvfs {
             if let Err(e) = &swapped {
                 tracing::warn!(a = %pa, b = %pb, error = %e, "cannot exchange NVMe copies");
             }
-            for &root in roots {
-                for ino in ns.files_under(root) {
-                    let Some(key) = ns.get(ino).ok().and_then(|n| n.lower.nvme.clone()) else {
-                        continue;
-                    };
-                    let Some(now) = path(ns, ino) else { continue };
-                    if key == now {
-                        continue;
-                    }
-                    let moved = swap_prefix(&key, &pa, &pb).is_some_and(|k| k == now);
-                    match ns.get_mut(ino) {
-                        Ok(node) if moved && swapped.is_ok() => node.lower.nvme = Some(now),
-                        _ => self.lose_copy(ns, ino),
-                    }
+            for (ino, key, now) in moved {
+                let followed = swap_prefix(&key, &pa, &pb).is_some_and(|k| k == now);
+                match ns.get_mut(ino) {
+                    Ok(node) if followed && swapped.is_ok() => node.lower.nvme = Some(now),
+                    _ => self.lose_copy(ns, ino),
                 }
             }
             return;
         }
-        for &root in roots {
-            for ino in ns.files_under(root) {
-                let Some(key) = ns.get(ino).ok().and_then(|n| n.lower.nvme.clone()) else {
-                    continue;
-                };
-                let Some(now) = path(ns, ino) else { continue };
-                if key == now {
-                    continue;
+        for (ino, key, now) in moved {
+            match lower.tier.rename(&key, &now) {
+                Ok(()) => {
+                    if let Ok(node) = ns.get_mut(ino) {
+                        node.lower.nvme = Some(now);
+                    }
                 }
-                match lower.tier.rename(&key, &now) {
-                    Ok(()) => {
-                        if let Ok(node) = ns.get_mut(ino) {
-                            node.lower.nvme = Some(now);
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(from = %key, to = %now, error = %e, "cannot move an NVMe copy");
-                        self.lose_copy(ns, ino);
-                    }
+                Err(e) => {
+                    tracing::warn!(from = %key, to = %now, error = %e, "cannot move an NVMe copy");
+                    self.lose_copy(ns, ino);
                 }
             }
         }
