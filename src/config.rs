@@ -103,6 +103,10 @@ pub struct MountArgs {
     #[arg(long, env = "KVFS_S3_CACHE_TTL", value_name = "DURATION")]
     pub s3_cache_ttl: Option<String>,
 
+    /// Delete objects under the prefix uploaded longer ago than this, e.g. 7d or 12h, unless this node still holds the file locally (default: never).
+    #[arg(long, env = "KVFS_S3_EXPIRE_AFTER", value_name = "DURATION")]
+    pub s3_expire_after: Option<String>,
+
     /// Serve Prometheus metrics over HTTP at this address, e.g. 127.0.0.1:9464 (default: off).
     #[arg(long, env = "KVFS_METRICS_ADDR", value_name = "ADDR")]
     pub metrics_addr: Option<String>,
@@ -186,6 +190,8 @@ pub struct S3Settings {
     pub lazy: bool,
     /// How long a lookup's answer from S3 is reused.
     pub cache_ttl: std::time::Duration,
+    /// Objects uploaded longer ago are deleted by a periodic sweep.
+    pub expire_after: Option<std::time::Duration>,
 }
 
 /// How log lines are written.
@@ -378,6 +384,7 @@ struct FileConfig {
     s3_path_style: Option<bool>,
     s3_lazy: Option<bool>,
     s3_cache_ttl: Option<String>,
+    s3_expire_after: Option<String>,
     log_level: Option<String>,
     log_format: Option<String>,
     data_path: Option<String>,
@@ -755,6 +762,13 @@ fn resolve_s3(
         |v| &v.s3_cache_ttl,
         "s3_cache_ttl",
     );
+    let expire = pick(
+        &args.s3_expire_after,
+        "--s3-expire-after",
+        file,
+        |v| &v.s3_expire_after,
+        "s3_expire_after",
+    );
     let path_style = args.s3_path_style || values.and_then(|v| v.s3_path_style).unwrap_or(false);
     let lazy = args.s3_lazy || values.and_then(|v| v.s3_lazy).unwrap_or(false);
     let Some((bucket, origin)) = bucket else {
@@ -763,6 +777,7 @@ fn resolve_s3(
             endpoint.map(|p| p.1),
             region.map(|p| p.1),
             ttl.map(|p| p.1),
+            expire.map(|p| p.1),
         ]
         .into_iter()
         .flatten()
@@ -805,6 +820,15 @@ fn resolve_s3(
         })?,
         None => std::time::Duration::from_secs(1),
     };
+    let expire_after = match expire {
+        Some((t, origin)) => Some(parse_duration(t).filter(|d| !d.is_zero()).ok_or_else(|| {
+            ConfigError::InvalidDuration {
+                value: t.to_string(),
+                origin,
+            }
+        })?),
+        None => None,
+    };
     Ok(Some(S3Settings {
         bucket: bucket.to_string(),
         prefix: prefix.map(|p| p.0.trim().to_string()).unwrap_or_default(),
@@ -813,10 +837,11 @@ fn resolve_s3(
         path_style,
         lazy,
         cache_ttl,
+        expire_after,
     }))
 }
 
-/// "500ms", "2s", "1m", or a bare number of seconds.
+/// "500ms", "2s", "1m", "12h", "7d", or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
@@ -826,6 +851,8 @@ pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
         "ms" => n,
         "" | "s" => n.checked_mul(1000)?,
         "m" => n.checked_mul(60_000)?,
+        "h" => n.checked_mul(3_600_000)?,
+        "d" => n.checked_mul(86_400_000)?,
         _ => return None,
     };
     Some(std::time::Duration::from_millis(ms))
@@ -1096,6 +1123,18 @@ mod tests {
         let path = dir.join("kvfs.toml");
         fs::write(&path, text).unwrap();
         path
+    }
+
+    #[test]
+    fn parse_duration_units() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_duration("12h"), Some(Duration::from_secs(12 * 3600)));
+        assert_eq!(parse_duration("7d"), Some(Duration::from_secs(7 * 86400)));
+        for bad in ["", "d", "1w", "-1s", "1.5h", "99999999999999999d"] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -434,6 +434,59 @@ fn a_directory_being_deleted_does_not_come_back() {
     assert_eq!(err_of(fs::metadata(m.path("e"))), libc::ENOENT);
 }
 
+/// Makes `key`'s object look uploaded `secs` ago (s3s-fs reports a file's
+/// mtime as LastModified).
+fn age(srv: &S3Server, key: &str, secs: u64) {
+    let f = fs::File::options()
+        .write(true)
+        .open(srv.bucket_dir().join(key))
+        .unwrap();
+    f.set_modified(std::time::SystemTime::now() - Duration::from_secs(secs))
+        .unwrap();
+}
+
+// The connectors never clean up: --s3-expire-after does, sparing files
+// this node holds locally.
+#[test]
+fn old_objects_expire_unless_held_here() {
+    let srv = S3Server::start();
+    let nvme = disk_dir();
+    let x = block(36, 64 << 10);
+    let crc = crc_hex(&x);
+    let meta = [("kvfs-crc32c", crc.as_str())];
+    for key in ["old/a.bin", "old/s3only.bin", "new/c.bin"] {
+        srv.put(&format!("kv/exp/{key}"), &x, &meta);
+    }
+    // A file of this node: on its NVMe tier and in S3.
+    let local = ["--nvme-dir", nvme.path().to_str().unwrap()];
+    let mut m = mount(&srv, "kv/exp", &local);
+    fs::create_dir(m.path("mine")).unwrap();
+    store_llmd(&m.path("mine/b.bin"), &x);
+    wait_object(&srv, "kv/exp/mine/b.bin", &x, 30);
+    m.stop();
+    for key in ["old/a.bin", "old/s3only.bin", "mine/b.bin"] {
+        age(&srv, &format!("kv/exp/{key}"), 2 * 3600);
+    }
+    let mut expiring = local.to_vec();
+    expiring.extend(["--s3-expire-after", "1h"]);
+    m.restart(&refs(&args(&srv, "kv/exp", &expiring)));
+    // Known here from S3 only: forgotten with its object.
+    assert!(fs::metadata(m.path("old/s3only.bin")).is_ok());
+    poll(
+        20,
+        || format!("old objects remain: {:?}\n{}", srv.keys("kv/exp/"), m.log()),
+        || (!srv.exists("kv/exp/old/a.bin") && !srv.exists("kv/exp/old/s3only.bin")).then_some(()),
+    );
+    assert!(srv.exists("kv/exp/new/c.bin"), "a fresh object expired");
+    assert!(
+        srv.exists("kv/exp/mine/b.bin"),
+        "a file held here lost its object"
+    );
+    assert_eq!(err_of(fs::metadata(m.path("old/s3only.bin"))), libc::ENOENT);
+    assert!(fs::read(m.path("mine/b.bin")).unwrap() == x);
+    assert_eq!(s3_status(&m)["expired_objects"], 2);
+}
+
 // 5. An S3 outage: writes and reads go on, the backlog arrives afterwards.
 #[test]
 fn outage_then_the_backlog_arrives() {

@@ -263,7 +263,7 @@ pub fn mount(config: &Config) -> Result<Mounted, MountError> {
     }
     if let Some(s3) = &config.s3 {
         let tier = open_s3(s3)?;
-        core.attach_s3(tier, s3.cache_ttl);
+        core.attach_s3(tier, s3.cache_ttl, s3.expire_after);
         core.set_sync_waits_for_s3(config.durability == Durability::Remote);
     }
     let core = Arc::new(core);

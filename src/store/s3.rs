@@ -890,6 +890,39 @@ impl S3Tier {
     }
 
     /// The entries directly below `dir` ("" for the root), all pages.
+    /// Every object under the prefix, recursively: (key relative to the
+    /// prefix, LastModified). For the expiry sweep.
+    pub fn list_all(&self) -> Result<Vec<(String, SystemTime)>> {
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let req = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(&self.prefix)
+                .set_continuation_token(token.take())
+                .send();
+            let page = self
+                .rt
+                .block_on(req)
+                .map_err(|e| self.fail("list", "", e))?;
+            self.ok();
+            for o in page.contents() {
+                if let Some(key) = o.key().and_then(|k| k.strip_prefix(self.prefix.as_str()))
+                    && !key.is_empty()
+                {
+                    out.push((key.to_string(), smithy_time(o.last_modified())));
+                }
+            }
+            match page.next_continuation_token() {
+                Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_string()),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
     pub fn list(&self, dir: &str) -> Result<Listing> {
         let base = match dir.trim_matches('/') {
             "" => self.prefix.clone(),

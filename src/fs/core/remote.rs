@@ -66,6 +66,10 @@ pub(super) struct Remote {
     /// Keys an upload is writing right now (its file may be renamed or
     /// unlinked while the bytes travel).
     sending: Mutex<std::collections::HashSet<String>>,
+    /// Objects uploaded longer ago are deleted by the sweep.
+    expire_after: Option<Duration>,
+    /// Objects the sweep queued for deletion.
+    expired: AtomicU64,
 }
 
 /// Jobs waiting, and what the running ones touch.
@@ -145,6 +149,7 @@ pub(super) struct S3Usage {
     backlog_jobs: u64,
     backlog_bytes: u64,
     uploaded_files: u64,
+    expired_objects: u64,
     put_bytes: u64,
     get_bytes: u64,
     requests: u64,
@@ -153,7 +158,7 @@ pub(super) struct S3Usage {
 
 impl Kvfs {
     /// Adds the S3 tier; `ttl` bounds how long a lookup's answer is reused.
-    pub fn attach_s3(&mut self, tier: S3Tier, ttl: Duration) {
+    pub fn attach_s3(&mut self, tier: S3Tier, ttl: Duration, expire_after: Option<Duration>) {
         self.remote = Some(Remote {
             tier,
             jobs: Mutex::new(Queue::default()),
@@ -166,6 +171,8 @@ impl Kvfs {
             node: fastrand::u64(..),
             removed: Mutex::new(HashMap::new()),
             sending: Mutex::new(Default::default()),
+            expire_after,
+            expired: AtomicU64::new(0),
         });
         // Files recovered from NVMe may or may not be in S3 already.
         let files: Vec<Ino> = {
@@ -192,7 +199,80 @@ impl Kvfs {
                 .name("kvfs-upload".into())
                 .spawn(move || upload_loop(core))?;
         }
+        if let Some(age) = self.remote.as_ref().and_then(|r| r.expire_after) {
+            let core: Weak<Kvfs> = Arc::downgrade(self);
+            std::thread::Builder::new()
+                .name("kvfs-expire".into())
+                .spawn(move || expire_loop(core, age))?;
+        }
         Ok(())
+    }
+
+    /// One expiry sweep: queues the delete of every object uploaded more
+    /// than `age` ago, except those of files this node holds on a local
+    /// tier (still in use here; the delete job's own check keeps them too).
+    /// A file this node knew only from S3 is forgotten with its object.
+    /// Returns how many deletes it queued.
+    fn expire_sweep(&self, age: Duration) -> u64 {
+        let Some(remote) = &self.remote else { return 0 };
+        let objects = match remote.tier.list_all() {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::debug!(error = %e, "expiry sweep: listing failed; next time");
+                return 0;
+            }
+        };
+        let Some(cutoff) = SystemTime::now().checked_sub(age) else {
+            return 0;
+        };
+        let mut queued = 0;
+        for (key, modified) in objects {
+            if modified >= cutoff {
+                continue;
+            }
+            let mut ns = self.ns();
+            let mut ino = crate::namespace::ROOT_INO;
+            let mut found = true;
+            for part in key.split('/').filter(|p| !p.is_empty()) {
+                match ns.lookup(ino, part.as_ref()) {
+                    Ok(i) => ino = i,
+                    Err(_) => {
+                        found = false;
+                        break;
+                    }
+                }
+            }
+            if found && ino != crate::namespace::ROOT_INO {
+                let local = self.host.get(ino).is_some()
+                    || ns
+                        .get(ino)
+                        .is_ok_and(|n| n.lower.nvme.is_some() || n.open > 0);
+                if local {
+                    continue;
+                }
+                if ns
+                    .get(ino)
+                    .is_ok_and(|n| n.lower.s3.as_ref().is_some_and(|c| c.key == key))
+                {
+                    if let Ok(node) = ns.get_mut(ino) {
+                        node.lower.s3 = None;
+                    }
+                    self.forget_file(&mut ns, ino);
+                }
+            }
+            tracing::debug!(key = %key, "expired");
+            self.push_job(Job::Delete { key });
+            queued += 1;
+        }
+        remote.expired.fetch_add(queued, Ordering::Relaxed);
+        if queued > 0 {
+            tracing::info!(
+                objects = queued,
+                older_than_s = age.as_secs(),
+                "S3 expiry: deleting old objects"
+            );
+        }
+        queued
     }
 
     pub fn stop_uploader(&self) {
@@ -594,6 +674,7 @@ impl Kvfs {
             },
             backlog_bytes: remote.backlog_bytes.load(Ordering::Relaxed),
             uploaded_files: remote.uploaded.load(Ordering::Relaxed),
+            expired_objects: remote.expired.load(Ordering::Relaxed),
             put_bytes: c.put_bytes.load(Ordering::Relaxed),
             get_bytes: c.get_bytes.load(Ordering::Relaxed),
             requests: c.requests.load(Ordering::Relaxed),
@@ -1018,6 +1099,26 @@ impl Kvfs {
         }
         drop(q);
         remote.wake.notify_all();
+    }
+}
+
+/// Sweeps a few seconds after the mount, then every quarter of `age` (at
+/// most every 10 minutes, at least every second).
+fn expire_loop(core: Weak<Kvfs>, age: Duration) {
+    let every = (age / 4).clamp(Duration::from_secs(1), Duration::from_secs(600));
+    let mut next = Instant::now() + Duration::from_secs(2).min(every);
+    loop {
+        // Short naps, so the thread notices the unmount.
+        std::thread::sleep(Duration::from_millis(200));
+        let Some(k) = core.upgrade() else { return };
+        let Some(remote) = &k.remote else { return };
+        if remote.stopped.load(Ordering::Relaxed) {
+            return;
+        }
+        if Instant::now() >= next {
+            k.expire_sweep(age);
+            next = Instant::now() + every;
+        }
     }
 }
 
