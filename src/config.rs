@@ -107,6 +107,10 @@ pub struct MountArgs {
     #[arg(long, env = "KVFS_S3_EXPIRE_AFTER", value_name = "DURATION")]
     pub s3_expire_after: Option<String>,
 
+    /// Bytes of objects kept under the prefix; the oldest go first, except files this node still holds locally, e.g. 10TiB (default: unbounded).
+    #[arg(long, env = "KVFS_S3_CAPACITY", value_name = "SIZE")]
+    pub s3_capacity: Option<String>,
+
     /// Serve Prometheus metrics over HTTP at this address, e.g. 127.0.0.1:9464 (default: off).
     #[arg(long, env = "KVFS_METRICS_ADDR", value_name = "ADDR")]
     pub metrics_addr: Option<String>,
@@ -192,6 +196,8 @@ pub struct S3Settings {
     pub cache_ttl: std::time::Duration,
     /// Objects uploaded longer ago are deleted by a periodic sweep.
     pub expire_after: Option<std::time::Duration>,
+    /// The oldest objects beyond this many bytes are deleted by it too.
+    pub capacity: Option<u64>,
 }
 
 /// How log lines are written.
@@ -385,6 +391,7 @@ struct FileConfig {
     s3_lazy: Option<bool>,
     s3_cache_ttl: Option<String>,
     s3_expire_after: Option<String>,
+    s3_capacity: Option<String>,
     log_level: Option<String>,
     log_format: Option<String>,
     data_path: Option<String>,
@@ -769,6 +776,13 @@ fn resolve_s3(
         |v| &v.s3_expire_after,
         "s3_expire_after",
     );
+    let capacity = pick(
+        &args.s3_capacity,
+        "--s3-capacity",
+        file,
+        |v| &v.s3_capacity,
+        "s3_capacity",
+    );
     let path_style = args.s3_path_style || values.and_then(|v| v.s3_path_style).unwrap_or(false);
     let lazy = args.s3_lazy || values.and_then(|v| v.s3_lazy).unwrap_or(false);
     let Some((bucket, origin)) = bucket else {
@@ -778,6 +792,7 @@ fn resolve_s3(
             region.map(|p| p.1),
             ttl.map(|p| p.1),
             expire.map(|p| p.1),
+            capacity.map(|p| p.1),
         ]
         .into_iter()
         .flatten()
@@ -829,6 +844,18 @@ fn resolve_s3(
         })?),
         None => None,
     };
+    let capacity = match capacity {
+        Some((c, origin)) => match parse_size_from(c, Some(origin.clone()))? {
+            0 => {
+                return Err(ConfigError::InvalidSize {
+                    value: c.to_string(),
+                    origin: Some(origin),
+                });
+            }
+            n => Some(n),
+        },
+        None => None,
+    };
     Ok(Some(S3Settings {
         bucket: bucket.to_string(),
         prefix: prefix.map(|p| p.0.trim().to_string()).unwrap_or_default(),
@@ -838,6 +865,7 @@ fn resolve_s3(
         lazy,
         cache_ttl,
         expire_after,
+        capacity,
     }))
 }
 

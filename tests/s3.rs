@@ -487,6 +487,37 @@ fn old_objects_expire_unless_held_here() {
     assert_eq!(s3_status(&m)["expired_objects"], 2);
 }
 
+#[test]
+fn the_oldest_objects_go_beyond_the_capacity() {
+    let srv = S3Server::start();
+    let x = block(37, 64 << 10);
+    let crc = crc_hex(&x);
+    let meta = [("kvfs-crc32c", crc.as_str())];
+    // Oldest first: o0 (4 h) ... o4 (now): 320 KiB, 200 KiB allowed.
+    for i in 0..5u64 {
+        let key = format!("kv/cap/o{i}");
+        srv.put(&key, &x, &meta);
+        age(&srv, &key, (4 - i) * 3600);
+    }
+    let m = mount(&srv, "kv/cap", &["--s3-capacity", "200KiB"]);
+    // o1 is read here first, so it is held on the host tier: spared.
+    assert!(fs::read(m.path("o1")).unwrap() == x);
+    poll(
+        20,
+        || format!("objects: {:?}\n{}", srv.keys("kv/cap/"), m.log()),
+        || (s3_status(&m)["expired_objects"] == 2).then_some(()),
+    );
+    poll(
+        20,
+        || format!("objects: {:?}", srv.keys("kv/cap/")),
+        || {
+            let mut keys = srv.keys("kv/cap/");
+            keys.sort();
+            (keys == ["kv/cap/o1", "kv/cap/o3", "kv/cap/o4"]).then_some(())
+        },
+    );
+}
+
 // 5. An S3 outage: writes and reads go on, the backlog arrives afterwards.
 #[test]
 fn outage_then_the_backlog_arrives() {

@@ -16,6 +16,7 @@ use crate::metrics::Metrics;
 
 mod lower;
 mod remote;
+pub use remote::S3Cleanup;
 mod zc;
 use crate::namespace::{FileState, Ino, Namespace, NodeKind, NsError, Owner, ROOT_INO, RenameMode};
 use crate::store::host::{FileStat, SetTime};

@@ -263,7 +263,11 @@ pub fn mount(config: &Config) -> Result<Mounted, MountError> {
     }
     if let Some(s3) = &config.s3 {
         let tier = open_s3(s3)?;
-        core.attach_s3(tier, s3.cache_ttl, s3.expire_after);
+        let cleanup = crate::fs::core::S3Cleanup {
+            expire_after: s3.expire_after,
+            capacity: s3.capacity,
+        };
+        core.attach_s3(tier, s3.cache_ttl, cleanup);
         core.set_sync_waits_for_s3(config.durability == Durability::Remote);
     }
     let core = Arc::new(core);

@@ -891,8 +891,8 @@ impl S3Tier {
 
     /// The entries directly below `dir` ("" for the root), all pages.
     /// Every object under the prefix, recursively: (key relative to the
-    /// prefix, LastModified). For the expiry sweep.
-    pub fn list_all(&self) -> Result<Vec<(String, SystemTime)>> {
+    /// prefix, size, LastModified). For the cleanup sweep.
+    pub fn list_all(&self) -> Result<Vec<(String, u64, SystemTime)>> {
         let mut out = Vec::new();
         let mut token: Option<String> = None;
         loop {
@@ -912,7 +912,11 @@ impl S3Tier {
                 if let Some(key) = o.key().and_then(|k| k.strip_prefix(self.prefix.as_str()))
                     && !key.is_empty()
                 {
-                    out.push((key.to_string(), smithy_time(o.last_modified())));
+                    out.push((
+                        key.to_string(),
+                        o.size().unwrap_or(0).max(0) as u64,
+                        smithy_time(o.last_modified()),
+                    ));
                 }
             }
             match page.next_continuation_token() {

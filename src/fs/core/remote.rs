@@ -66,9 +66,8 @@ pub(super) struct Remote {
     /// Keys an upload is writing right now (its file may be renamed or
     /// unlinked while the bytes travel).
     sending: Mutex<std::collections::HashSet<String>>,
-    /// Objects uploaded longer ago are deleted by the sweep.
-    expire_after: Option<Duration>,
-    /// Objects the sweep queued for deletion.
+    cleanup: S3Cleanup,
+    /// Objects the cleanup sweep queued for deletion.
     expired: AtomicU64,
 }
 
@@ -158,7 +157,7 @@ pub(super) struct S3Usage {
 
 impl Kvfs {
     /// Adds the S3 tier; `ttl` bounds how long a lookup's answer is reused.
-    pub fn attach_s3(&mut self, tier: S3Tier, ttl: Duration, expire_after: Option<Duration>) {
+    pub fn attach_s3(&mut self, tier: S3Tier, ttl: Duration, cleanup: S3Cleanup) {
         self.remote = Some(Remote {
             tier,
             jobs: Mutex::new(Queue::default()),
@@ -171,7 +170,7 @@ impl Kvfs {
             node: fastrand::u64(..),
             removed: Mutex::new(HashMap::new()),
             sending: Mutex::new(Default::default()),
-            expire_after,
+            cleanup,
             expired: AtomicU64::new(0),
         });
         // Files recovered from NVMe may or may not be in S3 already.
@@ -199,80 +198,101 @@ impl Kvfs {
                 .name("kvfs-upload".into())
                 .spawn(move || upload_loop(core))?;
         }
-        if let Some(age) = self.remote.as_ref().and_then(|r| r.expire_after) {
+        if let Some(cleanup) = self.remote.as_ref().map(|r| r.cleanup)
+            && (cleanup.expire_after.is_some() || cleanup.capacity.is_some())
+        {
             let core: Weak<Kvfs> = Arc::downgrade(self);
             std::thread::Builder::new()
-                .name("kvfs-expire".into())
-                .spawn(move || expire_loop(core, age))?;
+                .name("kvfs-s3-cleanup".into())
+                .spawn(move || cleanup_loop(core, cleanup))?;
         }
         Ok(())
     }
 
-    /// One expiry sweep: queues the delete of every object uploaded more
-    /// than `age` ago, except those of files this node holds on a local
-    /// tier (still in use here; the delete job's own check keeps them too).
-    /// A file this node knew only from S3 is forgotten with its object.
-    /// Returns how many deletes it queued.
-    fn expire_sweep(&self, age: Duration) -> u64 {
+    /// One cleanup sweep: queues the delete of every object uploaded more
+    /// than `expire_after` ago, then of the oldest others while the prefix
+    /// holds more than `capacity` bytes. Objects of files this node holds
+    /// on a local tier or has open are spared (in use here; the delete
+    /// job's own check keeps them too); a file this node knew only from S3
+    /// is forgotten with its object. Returns how many deletes it queued.
+    fn cleanup_sweep(&self, cleanup: S3Cleanup) -> u64 {
         let Some(remote) = &self.remote else { return 0 };
-        let objects = match remote.tier.list_all() {
+        let mut objects = match remote.tier.list_all() {
             Ok(o) => o,
             Err(e) => {
-                tracing::debug!(error = %e, "expiry sweep: listing failed; next time");
+                tracing::debug!(error = %e, "S3 cleanup: listing failed; next time");
                 return 0;
             }
         };
-        let Some(cutoff) = SystemTime::now().checked_sub(age) else {
-            return 0;
-        };
-        let mut queued = 0;
-        for (key, modified) in objects {
-            if modified >= cutoff {
+        objects.sort_by_key(|o| o.2);
+        let cutoff = cleanup
+            .expire_after
+            .and_then(|age| SystemTime::now().checked_sub(age));
+        let mut total: u64 = objects.iter().map(|o| o.1).sum();
+        let (mut expired, mut evicted) = (0u64, 0u64);
+        for (key, size, modified) in objects {
+            let old = cutoff.is_some_and(|c| modified < c);
+            let over = cleanup.capacity.is_some_and(|cap| total > cap);
+            if !old && !over {
                 continue;
             }
-            let mut ns = self.ns();
-            let mut ino = crate::namespace::ROOT_INO;
-            let mut found = true;
-            for part in key.split('/').filter(|p| !p.is_empty()) {
-                match ns.lookup(ino, part.as_ref()) {
-                    Ok(i) => ino = i,
-                    Err(_) => {
-                        found = false;
-                        break;
-                    }
-                }
+            if !self.drop_unless_local(&key) {
+                continue;
             }
-            if found && ino != crate::namespace::ROOT_INO {
-                let local = self.host.get(ino).is_some()
-                    || ns
-                        .get(ino)
-                        .is_ok_and(|n| n.lower.nvme.is_some() || n.open > 0);
-                if local {
-                    continue;
-                }
-                if ns
-                    .get(ino)
-                    .is_ok_and(|n| n.lower.s3.as_ref().is_some_and(|c| c.key == key))
-                {
-                    if let Ok(node) = ns.get_mut(ino) {
-                        node.lower.s3 = None;
-                    }
-                    self.forget_file(&mut ns, ino);
-                }
-            }
-            tracing::debug!(key = %key, "expired");
+            tracing::debug!(key = %key, old, over, "S3 cleanup");
             self.push_job(Job::Delete { key });
-            queued += 1;
+            total = total.saturating_sub(size);
+            if old {
+                expired += 1;
+            } else {
+                evicted += 1;
+            }
         }
-        remote.expired.fetch_add(queued, Ordering::Relaxed);
-        if queued > 0 {
+        remote
+            .expired
+            .fetch_add(expired + evicted, Ordering::Relaxed);
+        if expired + evicted > 0 {
             tracing::info!(
-                objects = queued,
-                older_than_s = age.as_secs(),
-                "S3 expiry: deleting old objects"
+                expired,
+                over_capacity = evicted,
+                bytes_left = total,
+                "S3 cleanup: deleting objects"
             );
         }
-        queued
+        expired + evicted
+    }
+
+    /// Whether `key`'s object may go: false if its file is held here on a
+    /// local tier or open; a file known only from S3 is forgotten first.
+    fn drop_unless_local(&self, key: &str) -> bool {
+        let mut ns = self.ns();
+        let mut ino = crate::namespace::ROOT_INO;
+        for part in key.split('/').filter(|p| !p.is_empty()) {
+            match ns.lookup(ino, part.as_ref()) {
+                Ok(i) => ino = i,
+                Err(_) => return true,
+            }
+        }
+        if ino == crate::namespace::ROOT_INO {
+            return true;
+        }
+        let local = self.host.get(ino).is_some()
+            || ns
+                .get(ino)
+                .is_ok_and(|n| n.lower.nvme.is_some() || n.open > 0);
+        if local {
+            return false;
+        }
+        if ns
+            .get(ino)
+            .is_ok_and(|n| n.lower.s3.as_ref().is_some_and(|c| c.key == key))
+        {
+            if let Ok(node) = ns.get_mut(ino) {
+                node.lower.s3 = None;
+            }
+            self.forget_file(&mut ns, ino);
+        }
+        true
     }
 
     pub fn stop_uploader(&self) {
@@ -1102,10 +1122,27 @@ impl Kvfs {
     }
 }
 
-/// Sweeps a few seconds after the mount, then every quarter of `age` (at
-/// most every 10 minutes, at least every second).
-fn expire_loop(core: Weak<Kvfs>, age: Duration) {
-    let every = (age / 4).clamp(Duration::from_secs(1), Duration::from_secs(600));
+/// What the cleanup sweep deletes from the bucket (the connectors never
+/// clean up): objects older than `expire_after`, and the oldest beyond
+/// `capacity` bytes under the prefix.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct S3Cleanup {
+    pub expire_after: Option<Duration>,
+    pub capacity: Option<u64>,
+}
+
+/// Sweeps a few seconds after the mount, then every quarter of the expiry
+/// age and every minute with a capacity (at most every 10 minutes, at least
+/// every second).
+fn cleanup_loop(core: Weak<Kvfs>, cleanup: S3Cleanup) {
+    let by_age = cleanup.expire_after.map(|a| a / 4);
+    let by_size = cleanup.capacity.map(|_| Duration::from_secs(60));
+    let every = [by_age, by_size]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(Duration::from_secs(600))
+        .clamp(Duration::from_secs(1), Duration::from_secs(600));
     let mut next = Instant::now() + Duration::from_secs(2).min(every);
     loop {
         // Short naps, so the thread notices the unmount.
@@ -1116,7 +1153,7 @@ fn expire_loop(core: Weak<Kvfs>, age: Duration) {
             return;
         }
         if Instant::now() >= next {
-            k.expire_sweep(age);
+            k.cleanup_sweep(cleanup);
             next = Instant::now() + every;
         }
     }
