@@ -673,7 +673,14 @@ impl Kvfs {
         let file = self.host.get(ino).ok_or(FsError::Stale(ino))?;
         // Pin first: making room must never evict the file being opened.
         self.host.acquire(ino);
-        if writable && let Err(e) = self.make_room(&mut ns) {
+        let room = if writable {
+            let (guard, room) = self.room_to_write(ns);
+            ns = guard;
+            room
+        } else {
+            Ok(())
+        };
+        if let Err(e) = room {
             if ns.get(ino)?.open == 0 {
                 // Nobody else holds it: back in the LRU.
                 let evictable = self.is_clean(&ns, ino);

@@ -351,6 +351,32 @@ impl Kvfs {
         }
     }
 
+    /// Room for a writer of an existing file (already pinned, so making
+    /// room cannot evict it): like a create, it waits (bounded) for
+    /// write-back to free the tier rather than failing at once. Found by
+    /// the model soak: a truncate got ENOSPC while files written a moment
+    /// before were still being copied to NVMe.
+    pub(super) fn room_to_write<'a>(
+        &'a self,
+        mut ns: std::sync::MutexGuard<'a, Namespace>,
+    ) -> (std::sync::MutexGuard<'a, Namespace>, Result<()>) {
+        let deadline = Instant::now() + BACKPRESSURE_LIMIT;
+        loop {
+            match self.make_room(&mut ns) {
+                Err(FsError::Store(crate::store::StoreError::NoSpace { .. }))
+                    if self.has_lower_tiers() && Instant::now() < deadline =>
+                {
+                    // Not under the namespace lock: the flusher needs it.
+                    drop(ns);
+                    self.wait_for_flushes();
+                    std::thread::sleep(Duration::from_millis(10));
+                    ns = self.ns();
+                }
+                other => return (ns, other),
+            }
+        }
+    }
+
     /// Backpressure: while the host tier is full of files that cannot be
     /// evicted yet (unflushed, or still open), a new file waits for the
     /// flusher, bounded, instead of failing or forcing out unflushed data.
