@@ -717,6 +717,14 @@ impl Namespace {
     }
 
     /// Path of an inode relative to the root, for logs and status.
+    /// The inode at `path` (relative to the root, `/`-separated), the
+    /// inverse of [`Namespace::path_of`].
+    pub fn resolve(&self, path: &str) -> Option<Ino> {
+        path.split('/')
+            .filter(|p| !p.is_empty())
+            .try_fold(ROOT_INO, |ino, part| self.lookup(ino, part.as_ref()).ok())
+    }
+
     pub fn path_of(&self, mut ino: Ino) -> Option<std::path::PathBuf> {
         let mut parts = Vec::new();
         while ino != ROOT_INO {

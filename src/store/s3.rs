@@ -20,7 +20,7 @@ use aws_sdk_s3::Client;
 use aws_sdk_s3::config::http::HttpResponse;
 use aws_sdk_s3::error::DisplayErrorContext;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_s3::operation::list_objects_v2::ListObjectsV2Error;
+use aws_sdk_s3::operation::list_objects_v2::{ListObjectsV2Error, ListObjectsV2Output};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
 
@@ -889,25 +889,11 @@ impl S3Tier {
         self.delete(from)
     }
 
-    /// The entries directly below `dir` ("" for the root), all pages.
     /// Every object under the prefix, recursively: (key relative to the
     /// prefix, size, LastModified). For the cleanup sweep.
     pub fn list_all(&self) -> Result<Vec<(String, u64, SystemTime)>> {
         let mut out = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let req = self
-                .client
-                .list_objects_v2()
-                .bucket(&self.bucket)
-                .prefix(&self.prefix)
-                .set_continuation_token(token.take())
-                .send();
-            let page = self
-                .rt
-                .block_on(req)
-                .map_err(|e| self.fail("list", "", e))?;
-            self.ok();
+        self.list_pages(&self.prefix, None, "", |page| {
             for o in page.contents() {
                 if let Some(key) = o.key().and_then(|k| k.strip_prefix(self.prefix.as_str()))
                     && !key.is_empty()
@@ -919,35 +905,18 @@ impl S3Tier {
                     ));
                 }
             }
-            match page.next_continuation_token() {
-                Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_string()),
-                _ => break,
-            }
-        }
+        })?;
         Ok(out)
     }
 
+    /// The entries directly below `dir` ("" for the root), all pages.
     pub fn list(&self, dir: &str) -> Result<Listing> {
         let base = match dir.trim_matches('/') {
             "" => self.prefix.clone(),
             d => format!("{}{d}/", self.prefix),
         };
         let mut out = Listing::default();
-        let mut token: Option<String> = None;
-        loop {
-            let req = self
-                .client
-                .list_objects_v2()
-                .bucket(&self.bucket)
-                .prefix(&base)
-                .delimiter("/")
-                .set_continuation_token(token.take())
-                .send();
-            let page = self
-                .rt
-                .block_on(req)
-                .map_err(|e| self.fail("list", dir, e))?;
-            self.ok();
+        self.list_pages(&base, Some("/"), dir, |page| {
             for p in page.common_prefixes() {
                 if let Some(name) = p
                     .prefix()
@@ -973,12 +942,40 @@ impl S3Tier {
                     },
                 ));
             }
+        })?;
+        Ok(out)
+    }
+
+    /// Every page of a ListObjectsV2 of `prefix` (with `delimiter`), in
+    /// order; `what` names the listing in errors.
+    fn list_pages(
+        &self,
+        prefix: &str,
+        delimiter: Option<&str>,
+        what: &str,
+        mut each: impl FnMut(&ListObjectsV2Output),
+    ) -> Result<()> {
+        let mut token: Option<String> = None;
+        loop {
+            let req = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(prefix)
+                .set_delimiter(delimiter.map(str::to_string))
+                .set_continuation_token(token.take())
+                .send();
+            let page = self
+                .rt
+                .block_on(req)
+                .map_err(|e| self.fail("list", what, e))?;
+            self.ok();
+            each(&page);
             match page.next_continuation_token() {
                 Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_string()),
-                _ => break,
+                _ => return Ok(()),
             }
         }
-        Ok(out)
     }
 }
 

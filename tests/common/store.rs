@@ -7,6 +7,8 @@ use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use kvfs::bench::connector::AlignedBuf;
+
 /// `final` + `_<random>.tmp`, as both connectors name their temp files.
 pub fn tmp_name(final_path: &Path) -> PathBuf {
     final_path.with_file_name(format!(
@@ -47,42 +49,20 @@ pub fn llmd(final_path: &Path, data: &[u8], fsync: bool) -> io::Result<()> {
     Ok(())
 }
 
-/// A page-aligned copy of `data`, for O_DIRECT.
-pub struct Aligned {
-    buf: Vec<u8>,
-    off: usize,
-    len: usize,
-}
-
-impl Aligned {
-    pub fn new(data: &[u8]) -> Aligned {
-        let mut buf = vec![0u8; data.len() + 4096];
-        let off = buf.as_ptr().align_offset(4096);
-        buf[off..off + data.len()].copy_from_slice(data);
-        Aligned {
-            buf,
-            off,
-            len: data.len(),
-        }
-    }
-
-    pub fn bytes(&self) -> &[u8] {
-        &self.buf[self.off..self.off + self.len]
-    }
-}
-
 /// vLLM's file tier: O_DIRECT exclusive create of a temp name, one write of
 /// the whole block (a multiple of 4 KiB), close, rename.
 pub fn vllm(final_path: &Path, data: &[u8]) -> io::Result<()> {
     let tmp = tmp_name(final_path);
-    let buf = Aligned::new(data);
+    // Page-aligned, for O_DIRECT.
+    let mut buf = AlignedBuf::zeroed(data.len());
+    buf.copy_from_slice(data);
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .truncate(true)
         .custom_flags(libc::O_DIRECT)
         .open(&tmp)?;
-    whole(f.write(buf.bytes())?, data.len())?;
+    whole(f.write(&buf)?, data.len())?;
     drop(f);
     fs::rename(&tmp, final_path)
 }

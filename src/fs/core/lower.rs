@@ -17,6 +17,7 @@ use lru::LruCache;
 use super::{FsError, Kvfs, Result, io_err, lock};
 use crate::namespace::{Ino, Namespace, NodeKind, NsError, Owner};
 use crate::store::HostFile;
+use crate::store::host::FileStat;
 use crate::store::host::SetTime;
 use crate::store::nvme::{FileOwner, NvmeError, NvmeTier, Recovered, Staged};
 
@@ -266,15 +267,14 @@ impl Kvfs {
         // another file took meanwhile, replacing that file's copy.
         let started = Instant::now();
         let staged = self.copy_out(lower, &file);
-        let size = file.stat().map(|st| st.size).unwrap_or(0);
-        let bytes = staged.as_ref().ok().map(|_| size);
+        let bytes = staged.as_ref().ok().map(|(_, st)| st.size);
         self.metrics.tier_io("nvme", "write", started, bytes);
         let mut ns = self.ns();
         let Ok(node) = ns.get_mut(ino) else {
             return staged.map(drop);
         };
         node.lower.flushing = false;
-        let (staged, times) = match staged {
+        let (staged, st) = match staged {
             Ok(s) => s,
             Err(e) => {
                 if self.host.get(ino).is_none() && node.lower.nvme.is_none() {
@@ -304,7 +304,7 @@ impl Kvfs {
         });
         lower.tier.commit(staged, &now, owner).map_err(nvme_err)?;
         if let Ok(path) = lower.tier.path_of(&now) {
-            copy_times(&path, times.0, times.1);
+            copy_times(&path, st.atime, st.mtime);
         }
         let node = ns.get_mut(ino)?;
         node.lower.nvme = Some(now);
@@ -334,21 +334,9 @@ impl Kvfs {
     /// writers keep growing their files, so a check before taking the lock
     /// can pass and the room still be gone by the time it is made.
     pub(super) fn ns_with_room(&self) -> Result<std::sync::MutexGuard<'_, Namespace>> {
-        let deadline = Instant::now() + BACKPRESSURE_LIMIT;
-        loop {
-            self.wait_for_flushes();
-            let mut ns = self.ns();
-            match self.make_room(&mut ns) {
-                Ok(()) => return Ok(ns),
-                Err(FsError::Store(crate::store::StoreError::NoSpace { .. }))
-                    if self.has_lower_tiers() && Instant::now() < deadline =>
-                {
-                    drop(ns);
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        self.wait_for_flushes();
+        let (ns, room) = self.room_to_write(self.ns());
+        room.map(|()| ns)
     }
 
     /// Room for a writer of an existing file (already pinned, so making
@@ -400,17 +388,14 @@ impl Kvfs {
 
     /// The long copy, outside the namespace lock: a file's bytes to an NVMe
     /// temp file, making room by dropping least recently used copies when
-    /// the tier is full. Also returns the file's atime and mtime.
-    fn copy_out<'t>(
-        &self,
-        lower: &'t Lower,
-        file: &HostFile,
-    ) -> Result<(Staged<'t>, (SystemTime, SystemTime))> {
+    /// the tier is full. Also returns the file's stat as copied (size,
+    /// times).
+    fn copy_out<'t>(&self, lower: &'t Lower, file: &HostFile) -> Result<(Staged<'t>, FileStat)> {
         let st = file.stat().map_err(io_err("fstat"))?;
         let fd = file.fd().map_err(io_err("open backing file"))?;
         loop {
             match lower.tier.stage_from_fd(fd.as_fd(), st.size) {
-                Ok(staged) => return Ok((staged, (st.atime, st.mtime))),
+                Ok(staged) => return Ok((staged, st)),
                 // Full: drop the least recently used copy and try again.
                 Err(e @ NvmeError::NoSpace { .. }) => {
                     if !self.drop_nvme_lru(file.ino()) {

@@ -266,16 +266,10 @@ impl Kvfs {
     /// local tier or open; a file known only from S3 is forgotten first.
     fn drop_unless_local(&self, key: &str) -> bool {
         let mut ns = self.ns();
-        let mut ino = crate::namespace::ROOT_INO;
-        for part in key.split('/').filter(|p| !p.is_empty()) {
-            match ns.lookup(ino, part.as_ref()) {
-                Ok(i) => ino = i,
-                Err(_) => return true,
-            }
-        }
-        if ino == crate::namespace::ROOT_INO {
-            return true;
-        }
+        let ino = match ns.resolve(key) {
+            Some(ino) if ino != crate::namespace::ROOT_INO => ino,
+            _ => return true,
+        };
         let local = self.host.get(ino).is_some()
             || ns
                 .get(ino)
@@ -799,13 +793,9 @@ impl Kvfs {
     /// under `key`.
     fn holds_s3_key(&self, key: &str) -> bool {
         let ns = self.ns();
-        let mut ino = crate::namespace::ROOT_INO;
-        for part in key.split('/').filter(|p| !p.is_empty()) {
-            match ns.lookup(ino, part.as_ref()) {
-                Ok(i) => ino = i,
-                Err(_) => return false,
-            }
-        }
+        let Some(ino) = ns.resolve(key) else {
+            return false;
+        };
         ns.get(ino).is_ok_and(|n| {
             n.lower
                 .s3
