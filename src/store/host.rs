@@ -473,6 +473,10 @@ struct Inner {
     /// The other files: open, or still being written. Kept apart so that
     /// re-measuring them costs what is open, not what is stored.
     in_use: HashSet<u64>,
+    /// The part of `in_use` that is sealed and closed, pinned only until a
+    /// lower tier holds it: what write-back can free without any user
+    /// closing anything.
+    awaiting_lower: HashSet<u64>,
     /// Sum of `Entry::bytes`.
     accounted: u64,
     /// Largest sealed file so far: the room a new writer probably needs.
@@ -569,6 +573,7 @@ impl HostTier {
                 files: HashMap::new(),
                 evictable: LruCache::unbounded(),
                 in_use: HashSet::new(),
+                awaiting_lower: HashSet::new(),
                 accounted: 0,
                 largest: 0,
             }),
@@ -628,6 +633,7 @@ impl HostTier {
         if inner.evictable.pop(&ino).is_some() {
             inner.in_use.insert(ino);
         }
+        inner.awaiting_lower.remove(&ino);
     }
 
     /// Marks an access for the LRU.
@@ -648,6 +654,7 @@ impl HostTier {
         let bytes = file.stat().map_or(0, |st| st.allocated);
         inner.set_bytes(ino, bytes);
         inner.in_use.remove(&ino);
+        inner.awaiting_lower.remove(&ino);
         // Settling again (e.g. to pin a file whose lower copy was dropped)
         // must not leave it in the LRU as well.
         inner.evictable.pop(&ino);
@@ -673,6 +680,7 @@ impl HostTier {
             inner.evictable.put(ino, ());
         } else {
             inner.in_use.insert(ino);
+            inner.awaiting_lower.insert(ino);
         }
         inner.refresh_in_use();
         // The file just sealed is the most recent: it goes last.
@@ -692,6 +700,7 @@ impl HostTier {
     /// the tier back within capacity.
     pub fn make_evictable(&self, ino: u64) -> Vec<u64> {
         let mut inner = self.inner();
+        inner.awaiting_lower.remove(&ino);
         if !inner.in_use.remove(&ino) {
             return Vec::new();
         }
@@ -713,6 +722,12 @@ impl HostTier {
             .sum();
         let reserve = inner.largest.max(MIN_RESERVE).min(self.capacity);
         pinned + reserve > self.capacity
+    }
+
+    /// True while some pinned file waits only for write-back, which will
+    /// free it without anyone closing anything.
+    pub fn awaits_write_back(&self) -> bool {
+        !self.inner().awaiting_lower.is_empty()
     }
 
     /// Finishes settling a file: closes its descriptor and hands it to the
@@ -790,6 +805,7 @@ impl HostTier {
         let mut inner = self.inner();
         inner.evictable.pop(&ino);
         inner.in_use.remove(&ino);
+        inner.awaiting_lower.remove(&ino);
         if let Some(e) = inner.files.remove(&ino) {
             inner.accounted -= e.bytes;
         }
@@ -901,6 +917,33 @@ mod tests {
         tier.settle(22, true);
         assert!(tier.reserve(2 * page).is_err());
         assert!(tier.get(22).is_some());
+    }
+
+    #[test]
+    fn only_files_awaiting_a_lower_tier_are_freed_by_write_back() {
+        // Room for one file besides the 1 MiB kept for a new writer.
+        let page = 4096u64;
+        let tier = HostTier::scratch(MIN_RESERVE + page, false);
+        fill(&tier, 20, page as usize);
+        fill(&tier, 21, page as usize);
+        // Both written and still open: jammed, and write-back cannot help.
+        assert!(tier.is_jammed());
+        assert!(!tier.awaits_write_back());
+        // One sealed but not yet on a lower tier: write-back can help.
+        tier.settle(20, false);
+        assert!(tier.is_jammed() && tier.awaits_write_back());
+        // Reopened, it is pinned by its user again.
+        tier.acquire(20);
+        assert!(!tier.awaits_write_back());
+        tier.settle(20, false);
+        // Once a lower tier holds it, nothing awaits and only the open
+        // file pins the tier: room enough.
+        tier.make_evictable(20);
+        assert!(!tier.awaits_write_back());
+        assert!(!tier.is_jammed());
+        tier.settle(21, false);
+        tier.remove(21);
+        assert!(!tier.awaits_write_back());
     }
 
     #[test]
