@@ -93,8 +93,8 @@ pub struct BenchArgs {
     /// Background threads preparing zero-copy slots.
     #[arg(long, default_value_t = 8)]
     pub zc_prefetch_threads: usize,
-    /// register: DMA straight into the registered mapping; copy: map only,
-    /// and move the bytes between the mapping and pinned staging with the CPU.
+    /// register: DMA straight into the registered mapping; copy: no mapping,
+    /// pwrite/pread between pinned staging and the slot's descriptor.
     #[arg(long, value_enum, default_value = "register")]
     pub zc_mode: ZcMode,
     #[arg(long, default_value_t = 0)]
@@ -470,14 +470,14 @@ impl Bench<'_> {
 
     fn zc_store(
         &self,
-        client: &Arc<Client>,
+        mount: &Path,
         rel: &str,
         pool: &StagingPool,
     ) -> Result<(Duration, Times), GpuError> {
         let register = self.args.zc_mode == ZcMode::Register;
         let pre = (self.args.zc_prefetch > 0).then(|| {
             zc::SlotPrefetcher::start(
-                client.clone(),
+                mount.to_path_buf(),
                 self.ctx.clone(),
                 self.file_bytes,
                 self.args.zc_prefetch,
@@ -487,8 +487,10 @@ impl Bench<'_> {
             )
         });
         let r = self.run_blocks(
-            || Ok(()),
-            |_, s, f, t| {
+            // A connection per I/O thread: one is served one request at a time.
+            || zc_connect(mount).map(Arc::new),
+            |client, s, f, t| {
+                let mut copied = Duration::ZERO;
                 let t0 = Instant::now();
                 let slot = match &pre {
                     Some(p) => p.take()?,
@@ -496,55 +498,56 @@ impl Bench<'_> {
                 };
                 let t1 = Instant::now();
                 let name = format!("{rel}/{}", block_name(f));
-                let moved = if register {
-                    self.dma_all(s, f, Buf::Host(slot.ptr()), Dir::ToBuf)
-                } else {
-                    let buf = pool.acquire();
-                    self.dma_all(s, f, Buf::Host(buf.as_ptr()), Dir::ToBuf)
-                        .map(|()| {
-                            // SAFETY: the slot maps file_bytes writable bytes that
-                            // nothing else touches until commit.
-                            let dst =
-                                unsafe { std::slice::from_raw_parts_mut(slot.ptr(), slot.len()) };
-                            dst.copy_from_slice(&buf.as_slice()[..slot.len()]);
-                        })
+                // dma: GPU to host memory; io: the CPU copy of copy mode;
+                // prep: slot, commit and retirement.
+                let moved = match slot.dma_ptr() {
+                    Some(ptr) => self.dma_all(s, f, Buf::Host(ptr), Dir::ToBuf),
+                    None => {
+                        let buf = pool.acquire();
+                        let dma = self.dma_all(s, f, Buf::Host(buf.as_ptr()), Dir::ToBuf);
+                        let t = Instant::now();
+                        let written = dma.and_then(|()| slot.write(&buf.as_slice()[..slot.len()]));
+                        copied += t.elapsed();
+                        written
+                    }
                 };
-                let done = moved.and_then(|()| {
-                    client
-                        .commit(slot.id, &name)
-                        .map_err(|e| GpuError::Zerocopy(format!("commit {name}: {e}")))
-                });
-                if done.is_err() {
-                    let _ = client.abort(slot.id);
-                }
                 let t2 = Instant::now();
+                let done = match moved {
+                    Ok(()) => slot.commit(&name),
+                    Err(e) => {
+                        slot.abort();
+                        Err(e)
+                    }
+                };
                 match &pre {
                     Some(p) => p.retire(slot),
                     None => slot.retire(),
                 }
                 t.prep += (t1 - t0) + t2.elapsed();
-                t.dma += t2 - t1;
+                t.dma += t2 - t1 - copied;
+                t.io += copied;
                 done
             },
         );
         if let Some(p) = pre {
-            p.finish(client);
+            p.finish();
         }
         r
     }
 
     fn zc_load(
         &self,
-        client: &Client,
+        mount: &Path,
         rel: &str,
         pool: &StagingPool,
     ) -> Result<(Duration, Times), GpuError> {
         let register = self.args.zc_mode == ZcMode::Register;
         self.run_blocks(
-            || Ok(()),
-            |_, s, f, t| {
+            || zc_connect(mount),
+            |client, s, f, t| {
                 let t0 = Instant::now();
                 let name = format!("{rel}/{}", block_name(f));
+                let mut copied = Duration::ZERO;
                 let file = zc::OpenFile::open(client, &self.ctx, &name, register)?;
                 let t1 = Instant::now();
                 let r = if file.size != self.file_bytes {
@@ -554,17 +557,20 @@ impl Bench<'_> {
                         expected: self.file_bytes,
                         got: file.size,
                     })
-                } else if register {
-                    self.dma_all(s, f, Buf::Host(file.ptr().cast_mut()), Dir::ToDevice)
+                } else if let Some(ptr) = file.dma_ptr() {
+                    self.dma_all(s, f, Buf::Host(ptr.cast_mut()), Dir::ToDevice)
                 } else {
                     let mut buf = pool.acquire();
-                    buf.as_mut_slice()[..file.bytes().len()].copy_from_slice(file.bytes());
-                    self.dma_all(s, f, Buf::Host(buf.as_ptr()), Dir::ToDevice)
+                    let t = Instant::now();
+                    let read = file.read_into(buf.as_mut_slice());
+                    copied = t.elapsed();
+                    read.and_then(|()| self.dma_all(s, f, Buf::Host(buf.as_ptr()), Dir::ToDevice))
                 };
                 let t2 = Instant::now();
                 let closed = file.close(client);
                 t.prep += (t1 - t0) + t2.elapsed();
-                t.dma += t2 - t1;
+                t.dma += t2 - t1 - copied;
+                t.io += copied;
                 r.and(closed)
             },
         )
@@ -596,6 +602,10 @@ impl Bench<'_> {
             },
         )
     }
+}
+
+fn zc_connect(mount: &Path) -> Result<Client, GpuError> {
+    Client::connect(mount).map_err(|e| GpuError::Zerocopy(format!("connect: {e}")))
 }
 
 pub fn block_name(f: u64) -> String {
@@ -878,8 +888,7 @@ pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<Vec<BenchResult>, Gp
                 out,
                 &mut results,
             ),
-            Ok(client) => {
-                let client = Arc::new(client);
+            Ok(_) => {
                 let rel = format!("{run_id}/zerocopy");
                 mkdir(&m.join(&rel))?;
                 cleanup.push(m.join(&run_id));
@@ -893,12 +902,12 @@ pub fn run(args: &BenchArgs, out: &mut dyn Write) -> Result<Vec<BenchResult>, Gp
                 if cache_dirty {
                     bench.fill(&mut host)?;
                 }
-                let (d, t) = bench.zc_store(&client, &rel, &pool)?;
+                let (d, t) = bench.zc_store(m, &rel, &pool)?;
                 let mut r = bench.result("zerocopy", "store", &m.display().to_string(), d, t);
                 r.detail = detail.clone();
                 emit(r, out, &mut results);
                 bench.zero_cache()?;
-                let (d, t) = bench.zc_load(&client, &rel, &pool)?;
+                let (d, t) = bench.zc_load(m, &rel, &pool)?;
                 bench.verify(&mut host, "zerocopy")?;
                 let mut r = bench.result("zerocopy", "load", &m.display().to_string(), d, t);
                 r.verified = Some(true);

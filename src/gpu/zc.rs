@@ -2,7 +2,13 @@
 //! backing files, registered with the CUDA driver so the copy engine DMAs
 //! straight between GPU memory and the file's bytes.
 //!
-//! Stores take slots from [`SlotPrefetcher`], which allocates, maps
+//! A [`Client`] serialises its requests on one connection, which the daemon
+//! serves on one thread, so each I/O thread should hold its own (the bench
+//! does: one shared connection held 16 threads to one alloc or commit at a
+//! time). A slot belongs to the connection that allocated it, and a
+//! [`ReadySlot`] carries that connection for its commit.
+//!
+//! Stores may take slots from [`SlotPrefetcher`], which allocates, maps
 //! (MAP_POPULATE) and registers slots on background threads so that page
 //! faults, zeroing and pinning stay off the I/O threads; retired slots are
 //! unregistered and unmapped on a reaper thread for the same reason. With a
@@ -11,13 +17,16 @@
 //!
 //! Registration is not free: the driver pins every page, and on the H100
 //! machine it ran at roughly 10-20 GB/s for the whole process, below the
-//! copy engine's 55 GB/s. So a second mode maps without registering and has
-//! the I/O thread copy between the mapping and a pinned staging buffer with
-//! the CPU: one memory copy, but no FUSE and no pinning (docs/gpu.md has the
-//! figures of both).
+//! copy engine's 55 GB/s. So a second mode maps nothing: the I/O thread
+//! moves the bytes between a pinned staging buffer and the slot's
+//! descriptor with pwrite/pread. That is one memory copy, done by the kernel
+//! into pages it allocates without zeroing them first (a fresh mapping is
+//! faulted in and zeroed before it is written), and no FUSE and no pinning
+//! (docs/gpu.md has the figures of both).
 
 use std::ffi::c_void;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -85,40 +94,85 @@ impl Drop for Mapping {
     }
 }
 
-/// A slot ready for DMA. Field order is drop order: the registration goes
-/// before the mapping it covers.
-pub struct ReadySlot {
-    reg: Option<Registered>,
+/// A mapping registered for DMA. Field order is drop order: the
+/// registration goes before the mapping it covers.
+struct Dma {
+    _reg: Registered,
     map: Mapping,
+}
+
+impl Dma {
+    /// Maps `len` bytes of `fd` and registers them (read-only for loads).
+    fn new(ctx: &Arc<Context>, fd: &OwnedFd, len: usize, writable: bool) -> Result<Dma, GpuError> {
+        let map = Mapping::new(fd, len, writable)?;
+        // SAFETY: the mapping lives in the same Dma and is dropped after.
+        let reg = unsafe { Registered::new(ctx, map.ptr().cast(), map.len(), !writable)? };
+        Ok(Dma { _reg: reg, map })
+    }
+}
+
+/// A slot ready to be filled: registered for DMA in register mode, or only
+/// its descriptor in copy mode.
+pub struct ReadySlot {
+    dma: Option<Dma>,
+    fd: OwnedFd,
+    /// The connection that allocated it: the only one that may commit it.
+    client: Arc<Client>,
+    len: usize,
     pub id: u64,
     /// Time spent allocating, mapping and registering it.
     pub prepare: Duration,
 }
 
 impl ReadySlot {
-    pub fn ptr(&self) -> *mut u8 {
-        self.map.ptr()
+    /// The registered mapping, in register mode.
+    pub fn dma_ptr(&self) -> Option<*mut u8> {
+        self.dma.as_ref().map(|d| d.map.ptr())
     }
 
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.len == 0
+    }
+
+    /// Copies `bytes` to the start of the slot (copy mode).
+    pub fn write(&self, bytes: &[u8]) -> Result<(), GpuError> {
+        crate::store::pwrite_all(self.fd.as_raw_fd(), bytes, 0)
+            .map_err(|e| GpuError::Zerocopy(format!("write to slot {}: {e}", self.id)))
+    }
+
+    /// Publishes the slot's bytes as the file `path`; on error the slot is
+    /// aborted.
+    pub fn commit(&self, path: &str) -> Result<(), GpuError> {
+        let done = self
+            .client
+            .commit(self.id, path)
+            .map_err(|e| GpuError::Zerocopy(format!("commit {path}: {e}")));
+        if done.is_err() {
+            self.abort();
+        }
+        done
+    }
+
+    /// Frees the slot unpublished (best effort: the daemon also frees it
+    /// when the connection ends).
+    pub fn abort(&self) {
+        let _ = self.client.abort(self.id);
     }
 
     /// Drops registration and mapping (what the reaper does).
     pub fn retire(self) {
-        drop(self.reg);
-        drop(self.map);
+        drop(self.dma);
     }
 }
 
-/// Allocates a slot of `size` bytes, maps it read-write and, with
-/// `register`, registers it for DMA.
+/// Allocates a slot of `size` bytes and, with `register`, maps it
+/// read-write and registers it for DMA.
 pub fn prepare_slot(
-    client: &Client,
+    client: &Arc<Client>,
     ctx: &Arc<Context>,
     size: u64,
     register: bool,
@@ -126,16 +180,16 @@ pub fn prepare_slot(
     let t = Instant::now();
     let Slot { id, size: got, fd } = client.alloc(size).map_err(zc_err("alloc"))?;
     let result = (|| {
-        let map = Mapping::new(&fd, got as usize, true)?;
-        let reg = if register {
-            // SAFETY: the mapping lives in the same ReadySlot and is dropped after.
-            Some(unsafe { Registered::new(ctx, map.ptr().cast(), map.len(), false)? })
+        let dma = if register {
+            Some(Dma::new(ctx, &fd, got as usize, true)?)
         } else {
             None
         };
         Ok(ReadySlot {
-            reg,
-            map,
+            dma,
+            fd,
+            client: Arc::clone(client),
+            len: got as usize,
             id,
             prepare: t.elapsed(),
         })
@@ -147,7 +201,8 @@ pub fn prepare_slot(
 }
 
 /// Keeps up to `depth` prepared slots ready, filled by `threads` background
-/// threads, and retires used slots on a reaper thread.
+/// threads (each with its own connection), and retires used slots on a
+/// reaper thread.
 pub struct SlotPrefetcher {
     ready: Mutex<Receiver<Result<ReadySlot, GpuError>>>,
     retired: Mutex<Option<SyncSender<ReadySlot>>>,
@@ -159,7 +214,7 @@ impl SlotPrefetcher {
     /// Starts filling at once; `total` caps how many slots are prepared in
     /// all (the number of blocks to store), so none is left over to abort.
     pub fn start(
-        client: Arc<Client>,
+        mount: PathBuf,
         ctx: Arc<Context>,
         size: u64,
         depth: usize,
@@ -173,9 +228,9 @@ impl SlotPrefetcher {
         let issued = Arc::new(AtomicU64::new(0));
         let mut handles = Vec::new();
         for _ in 0..threads.max(1) {
-            let (tx, client, ctx, stop, issued) = (
+            let (tx, mount, ctx, stop, issued) = (
                 tx.clone(),
-                client.clone(),
+                mount.clone(),
                 ctx.clone(),
                 stop.clone(),
                 issued.clone(),
@@ -185,12 +240,19 @@ impl SlotPrefetcher {
                     let _ = tx.send(Err(e));
                     return;
                 }
+                let client = match Client::connect(&mount) {
+                    Ok(c) => Arc::new(c),
+                    Err(e) => {
+                        let _ = tx.send(Err(zc_err("connect")(e)));
+                        return;
+                    }
+                };
                 while !stop.load(Ordering::Relaxed)
                     && issued.fetch_add(1, Ordering::Relaxed) < total
                 {
                     let slot = prepare_slot(&client, &ctx, size, register);
                     if let Err(std::sync::mpsc::SendError(Ok(unused))) = tx.send(slot) {
-                        let _ = client.abort(unused.id);
+                        unused.abort();
                         unused.retire();
                         return;
                     }
@@ -235,14 +297,14 @@ impl SlotPrefetcher {
 
     /// Stops the fillers, aborts what they prepared but nobody took, and
     /// waits for every thread.
-    pub fn finish(mut self, client: &Client) {
+    pub fn finish(mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         {
             let rx = self.ready.lock().unwrap_or_else(|e| e.into_inner());
             // Drain so blocked fillers wake up; their last slot arrives here too.
             while let Ok(r) = rx.recv_timeout(Duration::from_millis(50)) {
                 if let Ok(slot) = r {
-                    let _ = client.abort(slot.id);
+                    slot.abort();
                     slot.retire();
                 }
             }
@@ -257,12 +319,12 @@ impl SlotPrefetcher {
     }
 }
 
-/// A resident file mapped read-only and registered for host-to-device DMA.
-/// Field order is drop order: registration, mapping, then the handle is
-/// closed by [`OpenFile::close`].
+/// A resident file, pinned by the daemon until [`OpenFile::close`]:
+/// mapped read-only and registered for host-to-device DMA in register
+/// mode, or only its descriptor in copy mode.
 pub struct OpenFile {
-    reg: Option<Registered>,
-    map: Mapping,
+    dma: Option<Dma>,
+    fd: OwnedFd,
     pub handle: u64,
     pub size: u64,
     /// Time spent in mmap plus registration.
@@ -270,8 +332,8 @@ pub struct OpenFile {
 }
 
 impl OpenFile {
-    /// Opens `path` and maps it; with `register`, also registers the
-    /// mapping for DMA (else the caller copies out of it with the CPU).
+    /// Opens `path`; with `register`, maps it and registers the mapping for
+    /// DMA (else the caller reads it into its own pinned buffer).
     pub fn open(
         client: &Client,
         ctx: &Arc<Context>,
@@ -280,20 +342,15 @@ impl OpenFile {
     ) -> Result<OpenFile, GpuError> {
         let Resident { handle, size, fd } = client.open(path).map_err(zc_err("open"))?;
         let t = Instant::now();
-        let result = (|| {
-            let map = Mapping::new(&fd, size as usize, false)?;
-            let reg = if register {
-                // SAFETY: the mapping lives in the same OpenFile and is dropped after.
-                Some(unsafe { Registered::new(ctx, map.ptr().cast(), map.len(), true)? })
-            } else {
-                None
-            };
-            Ok((reg, map))
-        })();
-        match result {
-            Ok((reg, map)) => Ok(OpenFile {
-                reg,
-                map,
+        let dma = if register {
+            Dma::new(ctx, &fd, size as usize, false).map(Some)
+        } else {
+            Ok(None)
+        };
+        match dma {
+            Ok(dma) => Ok(OpenFile {
+                dma,
+                fd,
                 handle,
                 size,
                 prepare: t.elapsed(),
@@ -305,18 +362,25 @@ impl OpenFile {
         }
     }
 
-    pub fn ptr(&self) -> *const u8 {
-        self.map.ptr()
+    /// The registered mapping, in register mode.
+    pub fn dma_ptr(&self) -> Option<*const u8> {
+        self.dma.as_ref().map(|d| d.map.ptr().cast_const())
     }
 
-    pub fn bytes(&self) -> &[u8] {
-        // SAFETY: a live read-only mapping of map.len() bytes.
-        unsafe { std::slice::from_raw_parts(self.map.ptr(), self.map.len()) }
+    /// Reads the whole file into the start of `buf` (copy mode).
+    pub fn read_into(&self, buf: &mut [u8]) -> Result<(), GpuError> {
+        let n = self.size as usize;
+        let have = buf.len();
+        let dst = buf.get_mut(..n).ok_or_else(|| {
+            GpuError::Zerocopy(format!("{n}-byte file does not fit a {have}-byte buffer"))
+        })?;
+        crate::store::pread_full(self.fd.as_raw_fd(), dst, 0)
+            .map_err(|e| GpuError::Zerocopy(format!("read of handle {}: {e}", self.handle)))
     }
 
     /// Unregisters, unmaps, then releases the daemon's handle.
     pub fn close(mut self, client: &Client) -> Result<(), GpuError> {
-        drop(self.reg.take());
+        drop(self.dma.take());
         let handle = self.handle;
         drop(self);
         client.close(handle).map_err(zc_err("close"))
