@@ -700,10 +700,15 @@ impl HostTier {
     /// the tier back within capacity.
     pub fn make_evictable(&self, ino: u64) -> Vec<u64> {
         let mut inner = self.inner();
-        inner.awaiting_lower.remove(&ino);
-        if !inner.in_use.remove(&ino) {
+        // Only a file still waiting for it: one opened again meanwhile
+        // (acquired) stays pinned by its user. The caller's own check that
+        // the file is closed cannot see an open that is still waiting for
+        // room without the namespace lock (found by the model test: such a
+        // file was evicted while being opened for writing, and lost).
+        if !inner.awaiting_lower.remove(&ino) {
             return Vec::new();
         }
+        inner.in_use.remove(&ino);
         inner.evictable.put(ino, ());
         let evicted = inner.evict_above(self.capacity);
         drop(inner);
@@ -932,9 +937,13 @@ mod tests {
         // One sealed but not yet on a lower tier: write-back can help.
         tier.settle(20, false);
         assert!(tier.is_jammed() && tier.awaits_write_back());
-        // Reopened, it is pinned by its user again.
+        // Reopened, it is pinned by its user again: write-back finishing
+        // meanwhile must not make it evictable.
         tier.acquire(20);
         assert!(!tier.awaits_write_back());
+        assert!(tier.make_evictable(20).is_empty());
+        assert!(tier.reserve(MIN_RESERVE).is_err(), "an open file was made evictable");
+        assert!(tier.get(20).is_some());
         tier.settle(20, false);
         // Once a lower tier holds it, nothing awaits and only the open
         // file pins the tier: room enough.
