@@ -489,6 +489,8 @@ mod tests {
             locking: false,
             lock_policy: "off".into(),
             evictions: 0,
+            spare_bytes: 0,
+            spares_reused: 0,
             huge_pages: false,
         }
     }

@@ -387,3 +387,88 @@ fn fuzzed_control_messages_get_answers_and_harm_nothing() {
         );
     }
 }
+
+fn inode(fd: &impl AsRawFd) -> u64 {
+    // SAFETY: zeroed stat is a valid out-parameter.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: valid fd and out-parameter.
+    assert_eq!(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) }, 0);
+    st.st_ino
+}
+
+fn spare_bytes(m: &KvfsMount) -> u64 {
+    m.status()["host"]["spare_bytes"]
+        .as_u64()
+        .expect("host.spare_bytes")
+}
+
+/// Stores `data` as `path` through a new slot; returns the slot's inode.
+fn store(c: &Client, path: &str, data: &[u8]) -> u64 {
+    let slot = c.alloc(data.len() as u64).expect("alloc");
+    Map::new(&slot.fd, data.len(), true)
+        .bytes()
+        .copy_from_slice(data);
+    c.commit(slot.id, path).expect("commit");
+    inode(&slot.fd)
+}
+
+#[test]
+fn a_deleted_blocks_memory_is_the_next_slot() {
+    let m = KvfsMount::with_mode("passthrough", &["--host-capacity", "64MiB"]);
+    let c = Client::connect(&m.mnt).expect("connect");
+    let len = 4 << 20;
+    let a = store(&c, "blk/a", &pattern(len, 1));
+    // Deleted through the mount, as an engine drops a block: its memory is
+    // kept, outside `used`, for the next slot of that size.
+    std::fs::remove_file(m.path("blk/a")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while spare_bytes(&m) != len as u64 {
+        assert!(Instant::now() < deadline, "no spare kept: {}", m.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(host_used(&m), 0);
+    // The next slot is the same memory, so a client that kept it
+    // registered needs no new registration. It holds old bytes until filled.
+    let data = pattern(len, 2);
+    let b = store(&c, "blk/b", &data);
+    assert_eq!(b, a, "the slot is not the deleted block's memory");
+    assert_eq!(m.status()["host"]["spares_reused"], 1);
+    assert_eq!(spare_bytes(&m), 0);
+    assert_eq!(std::fs::read(m.path("blk/b")).unwrap(), data);
+    // That read opened it through the kernel (passthrough), which may have
+    // mapped it: its memory is never handed out again.
+    std::fs::remove_file(m.path("blk/b")).unwrap();
+    let c2 = store(&c, "blk/c", &pattern(len, 3));
+    assert_ne!(c2, b, "a file the kernel had was reused");
+    assert_eq!(m.status()["host"]["spares_reused"], 1);
+    assert_eq!(std::fs::read(m.path("blk/c")).unwrap(), pattern(len, 3));
+    std::fs::remove_file(m.path("blk/c")).unwrap();
+    // Spares count against the capacity and go before any file: with two
+    // kept, a 58 MiB file leaves room for only one of them.
+    store(&c, "blk/e", &pattern(len, 4));
+    store(&c, "blk/f", &pattern(len, 5));
+    std::fs::remove_file(m.path("blk/e")).unwrap();
+    std::fs::remove_file(m.path("blk/f")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while spare_bytes(&m) != 2 * len as u64 {
+        assert!(Instant::now() < deadline, "spares not kept: {}", m.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let big = pattern(58 << 20, 6);
+    std::fs::write(m.path("big"), &big).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while spare_bytes(&m) != len as u64 {
+        assert!(
+            Instant::now() < deadline,
+            "spare bytes {} with a 58 MiB file in a 64 MiB tier",
+            spare_bytes(&m)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(m.status()["host"]["evictions"], 0);
+    assert_eq!(std::fs::read(m.path("big")).unwrap(), big);
+    // Another slot size: the spares of the old one fit nothing and go.
+    let d = c.alloc(1 << 20).expect("alloc");
+    assert_eq!(spare_bytes(&m), 0);
+    c.abort(d.id).unwrap();
+}

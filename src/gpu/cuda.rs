@@ -487,8 +487,11 @@ pub struct Registered {
     ptr: *mut c_void,
 }
 
-// SAFETY: the registration is a driver-side handle keyed by address.
+// SAFETY: the registration is a driver-side handle keyed by address; it
+// is only read after creation, and dropped once.
 unsafe impl Send for Registered {}
+// SAFETY: as above: shared access never mutates it.
+unsafe impl Sync for Registered {}
 
 impl Registered {
     /// # Safety

@@ -14,6 +14,16 @@
 //!
 //! Accounting counts allocated bytes (`st_blocks`), which is what the files
 //! really cost in memory: holes of sparse files are free.
+//!
+//! Spares: once a zero-copy client has asked for slots of some size, a
+//! backing file of exactly that size that is dropped (evicted, deleted) is
+//! kept, pages and all, under a spare name and handed out as the next slot
+//! of that size, unless it was ever opened through the kernel (a process
+//! could still have it mapped). A client that keeps its mappings registered with the GPU
+//! driver (keyed by inode) then DMAs into it with no new pinning, which is
+//! the cost that dominates a zero-copy store (DESIGN.md's "registered once"
+//! pool). Spares count against the capacity like files, and are the first
+//! thing dropped when room is needed.
 
 use std::any::Any;
 use std::collections::{HashMap, HashSet};
@@ -137,6 +147,38 @@ pub struct BackingDir {
     fd: OwnedFd,
     /// A tmpfs of its own is mounted on it (for huge pages).
     mounted: bool,
+    spares: Mutex<Spares>,
+}
+
+/// Dropped backing files kept for reuse as zero-copy slots.
+#[derive(Debug, Default)]
+struct Spares {
+    /// The slot size clients ask for (0: none asked yet); only files of
+    /// exactly this size are kept.
+    size: u64,
+    /// Names in the backing directory (`spare-N`), most recent last.
+    names: Vec<CString>,
+    next: u64,
+}
+
+impl Spares {
+    fn bytes(&self) -> u64 {
+        self.size * self.names.len() as u64
+    }
+}
+
+/// A spare taken for a new slot: renamed to the slot's name by
+/// [`HostTier::create_slot`], or deleted if dropped unused.
+pub struct Spare {
+    dir: Arc<BackingDir>,
+    name: CString,
+}
+
+impl Drop for Spare {
+    fn drop(&mut self) {
+        // SAFETY: valid dirfd and C string.
+        unsafe { libc::unlinkat(self.dir.fd.as_raw_fd(), self.name.as_ptr(), 0) };
+    }
 }
 
 /// Unmounts a tmpfs that [`BackingDir::create`] mounted on `path` (lazily:
@@ -193,7 +235,62 @@ impl BackingDir {
             // SAFETY: a fresh descriptor nobody else owns.
             fd: unsafe { OwnedFd::from_raw_fd(fd) },
             mounted,
+            spares: Mutex::new(Spares::default()),
         })
+    }
+
+    /// Keeps the backing file `name` as a spare if it is whole and of the
+    /// slot size; false if it should be deleted instead.
+    fn keep_spare(&self, name: &CString) -> bool {
+        let mut spares = lock_or_recover(&self.spares);
+        if spares.size == 0 {
+            return false;
+        }
+        // SAFETY: zeroed stat is a valid out-parameter.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: valid dirfd, C string and out-parameter.
+        let rc = unsafe { libc::fstatat(self.fd.as_raw_fd(), name.as_ptr(), &mut st, 0) };
+        // Whole: every page allocated, so reusing it costs no page faults.
+        if rc != 0 || st.st_size as u64 != spares.size || (st.st_blocks as u64) * 512 < spares.size
+        {
+            return false;
+        }
+        spares.next += 1;
+        let Ok(spare) = CString::new(format!("spare-{}", spares.next)) else {
+            return false;
+        };
+        // SAFETY: valid dirfd and C strings.
+        let rc = unsafe {
+            libc::renameat(
+                self.fd.as_raw_fd(),
+                name.as_ptr(),
+                self.fd.as_raw_fd(),
+                spare.as_ptr(),
+            )
+        };
+        if rc != 0 {
+            return false;
+        }
+        spares.names.push(spare);
+        true
+    }
+
+    /// Deletes the oldest spare; false if there is none.
+    fn drop_spare(&self) -> bool {
+        let name = {
+            let mut spares = lock_or_recover(&self.spares);
+            if spares.names.is_empty() {
+                return false;
+            }
+            spares.names.remove(0)
+        };
+        // SAFETY: valid dirfd and C string.
+        unsafe { libc::unlinkat(self.fd.as_raw_fd(), name.as_ptr(), 0) };
+        true
+    }
+
+    fn spare_bytes(&self) -> u64 {
+        lock_or_recover(&self.spares).bytes()
     }
 
     pub fn path(&self) -> &Path {
@@ -239,10 +336,16 @@ impl std::fmt::Debug for HostFile {
 
 impl Drop for HostFile {
     fn drop(&mut self) {
-        // The last reference is gone: nobody can reach the bytes any more.
-        // The kernel keeps its own reference while a passthrough open lasts.
-        // SAFETY: valid dirfd and C string.
-        unsafe { libc::unlinkat(self.dir.fd.as_raw_fd(), self.name.as_ptr(), 0) };
+        // The last reference is gone: nobody can reach the bytes any more
+        // through the daemon. A file the kernel was given (a passthrough
+        // backing id) is never reused: a process may still have it mapped
+        // (a passthrough mmap maps the backing file itself) and would see
+        // the next file's bytes.
+        let kernel_had_it = lock_or_recover(&self.attachment).is_some();
+        if kernel_had_it || !self.dir.keep_spare(&self.name) {
+            // SAFETY: valid dirfd and C string.
+            unsafe { libc::unlinkat(self.dir.fd.as_raw_fd(), self.name.as_ptr(), 0) };
+        }
     }
 }
 
@@ -506,9 +609,10 @@ impl Inner {
         }
     }
 
-    /// Evicts least recently used files while more than `limit` bytes are
-    /// accounted; returns them.
-    fn evict_above(&mut self, limit: u64) -> Vec<u64> {
+    /// Drops spares, then evicts least recently used files, while more than
+    /// `limit` bytes are used; returns the evicted files.
+    fn evict_above(&mut self, limit: u64, dir: &BackingDir) -> Vec<u64> {
+        while self.accounted + dir.spare_bytes() > limit && dir.drop_spare() {}
         let mut evicted = Vec::new();
         while self.accounted > limit {
             match self.evict_one() {
@@ -540,6 +644,10 @@ pub struct HostUsage {
     /// Why locking is on or off, as configured.
     pub lock_policy: String,
     pub evictions: u64,
+    /// Memory kept in spares for zero-copy slots (not in `used`).
+    pub spare_bytes: u64,
+    /// Zero-copy slots that reused a spare.
+    pub spares_reused: u64,
     /// The files are on a tmpfs of their own with huge pages.
     pub huge_pages: bool,
 }
@@ -554,6 +662,7 @@ pub struct HostTier {
     /// Feeds the locker thread; `None` when memory is not locked.
     locker: Mutex<Option<mpsc::Sender<Weak<HostFile>>>>,
     evictions: AtomicU64,
+    spares_reused: AtomicU64,
 }
 
 impl HostTier {
@@ -579,6 +688,7 @@ impl HostTier {
             }),
             lock_failed,
             evictions: AtomicU64::new(0),
+            spares_reused: AtomicU64::new(0),
         }
     }
 
@@ -611,15 +721,91 @@ impl HostTier {
     pub fn create(&self, ino: u64) -> Result<Arc<HostFile>, StoreError> {
         let file =
             Arc::new(HostFile::new(&self.dir, ino).map_err(StoreError::io("create backing file"))?);
+        self.track_new(&file);
+        Ok(file)
+    }
+
+    /// Accounts a new file as in use (measured later).
+    fn track_new(&self, file: &Arc<HostFile>) {
         let mut inner = self.inner();
-        inner.in_use.insert(ino);
+        inner.in_use.insert(file.ino);
         inner.files.insert(
-            ino,
+            file.ino,
             Entry {
-                file: Arc::clone(&file),
+                file: Arc::clone(file),
                 bytes: 0,
             },
         );
+    }
+
+    /// From now on, backing files of `size` bytes are kept as spares when
+    /// dropped (see the module doc), and a spare is taken if there is one.
+    /// Take it before making room, so that making room does not drop it.
+    pub fn take_spare(&self, size: u64) -> Option<Spare> {
+        let mut spares = lock_or_recover(&self.dir.spares);
+        if spares.size != size {
+            // Clients changed their block size: the old spares fit nothing.
+            spares.size = size;
+            let old = std::mem::take(&mut spares.names);
+            drop(spares);
+            for name in old {
+                drop(Spare {
+                    dir: Arc::clone(&self.dir),
+                    name,
+                });
+            }
+            return None;
+        }
+        spares.names.pop().map(|name| Spare {
+            dir: Arc::clone(&self.dir),
+            name,
+        })
+    }
+
+    /// A new slot of `size` bytes, in use by its creator: `spare` renamed
+    /// (its pages already there), else a new file allocated now so that the
+    /// accounting sees it before anyone writes.
+    pub fn create_slot(
+        &self,
+        ino: u64,
+        size: u64,
+        spare: Option<Spare>,
+    ) -> Result<Arc<HostFile>, StoreError> {
+        if let Some(spare) = spare {
+            let name = CString::new(ino.to_string())
+                .map_err(|e| StoreError::io("name slot")(io::Error::other(e)))?;
+            // SAFETY: valid dirfd and C strings.
+            let renamed = cvt(unsafe {
+                libc::renameat(
+                    self.dir.fd.as_raw_fd(),
+                    spare.name.as_ptr(),
+                    self.dir.fd.as_raw_fd(),
+                    name.as_ptr(),
+                )
+            });
+            match renamed {
+                Ok(_) => {
+                    std::mem::forget(spare);
+                    let file = Arc::new(HostFile {
+                        ino,
+                        dir: Arc::clone(&self.dir),
+                        name,
+                        fd: Mutex::new(None),
+                        locked: Mutex::new(None),
+                        attachment: Mutex::new(None),
+                    });
+                    self.track_new(&file);
+                    self.spares_reused.fetch_add(1, Ordering::Relaxed);
+                    return Ok(file);
+                }
+                Err(e) => tracing::debug!(error = %e, "spare not reused"),
+            }
+        }
+        let file = self.create(ino)?;
+        if let Err(e) = file.allocate(size) {
+            self.remove(ino);
+            return Err(StoreError::io("allocate slot")(e));
+        }
         Ok(file)
     }
 
@@ -684,7 +870,7 @@ impl HostTier {
         }
         inner.refresh_in_use();
         // The file just sealed is the most recent: it goes last.
-        let evicted = inner.evict_above(self.capacity);
+        let evicted = inner.evict_above(self.capacity, &self.dir);
         drop(inner);
         self.count_evictions(&evicted)
     }
@@ -710,7 +896,7 @@ impl HostTier {
         }
         inner.in_use.remove(&ino);
         inner.evictable.put(ino, ());
-        let evicted = inner.evict_above(self.capacity);
+        let evicted = inner.evict_above(self.capacity, &self.dir);
         drop(inner);
         self.count_evictions(&evicted)
     }
@@ -780,7 +966,7 @@ impl HostTier {
                 });
             }
         }
-        let evicted = inner.evict_above(self.capacity.saturating_sub(bytes));
+        let evicted = inner.evict_above(self.capacity.saturating_sub(bytes), &self.dir);
         let used = inner.accounted;
         drop(inner);
         let evicted = self.count_evictions(&evicted);
@@ -838,6 +1024,8 @@ impl HostTier {
             locking: self.lock_memory && !self.lock_failed.load(Ordering::Relaxed),
             lock_policy: self.lock_policy.clone(),
             evictions: self.evictions.load(Ordering::Relaxed),
+            spare_bytes: self.dir.spare_bytes(),
+            spares_reused: self.spares_reused.load(Ordering::Relaxed),
             huge_pages: self.dir.huge_pages(),
         }
     }
@@ -942,7 +1130,10 @@ mod tests {
         tier.acquire(20);
         assert!(!tier.awaits_write_back());
         assert!(tier.make_evictable(20).is_empty());
-        assert!(tier.reserve(MIN_RESERVE).is_err(), "an open file was made evictable");
+        assert!(
+            tier.reserve(MIN_RESERVE).is_err(),
+            "an open file was made evictable"
+        );
         assert!(tier.get(20).is_some());
         tier.settle(20, false);
         // Once a lower tier holds it, nothing awaits and only the open
@@ -953,6 +1144,82 @@ mod tests {
         tier.settle(21, false);
         tier.remove(21);
         assert!(!tier.awaits_write_back());
+    }
+
+    fn inode(f: &HostFile) -> u64 {
+        let fd = f.fd().unwrap();
+        // SAFETY: zeroed stat is a valid out-parameter.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: valid fd and out-parameter.
+        assert_eq!(unsafe { libc::fstat(fd.as_raw_fd(), &mut st) }, 0);
+        st.st_ino
+    }
+
+    #[test]
+    fn dropped_slot_sized_files_come_back_as_slots() {
+        let size = 64 << 10;
+        let tier = HostTier::scratch(1 << 20, false);
+        // No client has asked for slots yet: nothing is kept.
+        let f = fill(&tier, 20, size as usize);
+        tier.settle(20, true);
+        drop(f);
+        tier.remove(20);
+        assert_eq!(tier.usage().spare_bytes, 0);
+        // The first slot of a size is new memory.
+        assert!(tier.take_spare(size).is_none());
+        let a = tier.create_slot(21, size, None).unwrap();
+        let a_ino = inode(&a);
+        // Deleted, it is kept whole as a spare (used goes down, spare up)...
+        tier.settle(21, true);
+        drop(a);
+        tier.remove(21);
+        let u = tier.usage();
+        assert_eq!((u.used, u.spare_bytes), (0, size));
+        // ...and the next slot of that size is the same memory.
+        let spare = tier.take_spare(size);
+        assert!(spare.is_some());
+        let b = tier.create_slot(22, size, spare).unwrap();
+        assert_eq!(inode(&b), a_ino, "the slot is not the spare's inode");
+        assert_eq!(b.stat().unwrap().size, size);
+        assert_eq!(tier.usage().spares_reused, 1);
+        assert_eq!(tier.usage().spare_bytes, 0);
+        // A file of another size is not kept.
+        let c = fill(&tier, 23, 4096);
+        tier.settle(23, true);
+        drop(c);
+        tier.remove(23);
+        assert_eq!(tier.usage().spare_bytes, 0);
+        // Neither is one the kernel was given: it may still be mapped.
+        tier.settle(22, true);
+        *b.attachment.lock().unwrap() = Some(Arc::new(()));
+        drop(b);
+        tier.remove(22);
+        assert_eq!(tier.usage().spare_bytes, 0);
+        let left: Vec<_> = std::fs::read_dir(tier.backing_dir()).unwrap().collect();
+        assert!(left.is_empty(), "backing files left: {left:?}");
+    }
+
+    #[test]
+    fn spares_go_before_any_file_is_evicted() {
+        let size = 64 << 10;
+        let tier = HostTier::scratch(3 * size, false);
+        assert!(tier.take_spare(size).is_none());
+        for ino in 20..23 {
+            let f = tier.create_slot(ino, size, None).unwrap();
+            tier.settle(ino, true);
+            drop(f);
+        }
+        tier.remove(20);
+        assert_eq!(tier.usage().spare_bytes, size);
+        // Room for one more file: the spare goes, both files stay.
+        assert!(tier.reserve(size).unwrap().is_empty());
+        assert_eq!(tier.usage().spare_bytes, 0);
+        assert!(tier.get(21).is_some() && tier.get(22).is_some());
+        // Another slot size: the spares of the old one are dropped.
+        tier.remove(21);
+        assert_eq!(tier.usage().spare_bytes, size);
+        assert!(tier.take_spare(size / 2).is_none());
+        assert_eq!(tier.usage().spare_bytes, 0);
     }
 
     #[test]

@@ -25,18 +25,16 @@ impl Kvfs {
             }
             .into());
         }
+        // Taken before making room, which would drop it first.
+        let spare = self.host.take_spare(size);
         let ino = {
             let mut ns = self.ns_with_room()?;
             let evicted = self.host.reserve(size)?;
             self.drop_evicted(&mut ns, &evicted);
             ns.reserve_ino()
         };
-        let file = self.host.create(ino)?;
-        let made = file
-            .allocate(size)
-            .and_then(|()| file.reopen(true))
-            .map_err(io_err("allocate slot"));
-        match made {
+        let file = self.host.create_slot(ino, size, spare)?;
+        match file.reopen(true).map_err(io_err("open slot")) {
             Ok(fd) => {
                 self.host.remeasure(ino);
                 lock(&self.zc_slots).insert(ino);
