@@ -317,6 +317,37 @@ impl Backend for MemfdBackend {
 }
 
 #[test]
+fn gpu_zerocopy_rounds_reuse_the_memory_of_deleted_blocks() {
+    if let Some(why) = no_gpu() {
+        println!("skipped: {why}");
+        return;
+    }
+    for mode in ["register", "copy"] {
+        let m = KvfsMount::start(&["--host-capacity", "1GiB"]);
+        let rows = bench(
+            &m.mnt,
+            &["--path", "zerocopy", "--zc-mode", mode, "--zc-rounds", "2"],
+        );
+        // Every round's load verified every byte, including the second
+        // round's, whose slots held the first round's bytes before the DMA.
+        let rounds: Vec<_> = rows
+            .iter()
+            .filter(|r| r["path"] == "zerocopy" && r["op"] == "load")
+            .collect();
+        assert_eq!(rounds.len(), 2, "{rows:?}");
+        for r in rounds {
+            assert!(r["skipped"].is_null(), "{r}");
+            assert_eq!(r["verified"], true, "{r}");
+        }
+        // The second round's slots were the first round's memory.
+        let reused = m.status()["host"]["spares_reused"]
+            .as_u64()
+            .expect("spares_reused");
+        assert!(reused >= 8, "mode {mode}: {reused} slots reused");
+    }
+}
+
+#[test]
 fn gpu_zerocopy_client_against_a_memfd_server() {
     if let Some(why) = no_gpu() {
         println!("skipped: {why}");
