@@ -823,7 +823,8 @@ impl Kvfs {
     fn is_clean(&self, ns: &Namespace, ino: Ino) -> bool {
         !self.has_lower_tiers()
             || ns.get(ino).is_ok_and(|n| {
-                (n.lower.nvme.is_some() && !n.lower.nvme_stale)
+                // `flushing` with a fresh copy: named, not yet durable.
+                (n.lower.nvme.is_some() && !n.lower.nvme_stale && !n.lower.flushing)
                     || (n.lower.s3.is_some() && !n.lower.s3_stale)
             })
     }

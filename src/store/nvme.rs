@@ -448,6 +448,21 @@ impl NvmeTier {
         key: &str,
         owner: Option<FileOwner>,
     ) -> Result<u32, NvmeError> {
+        let (crc, sync) = self.name(staged, key, owner)?;
+        sync.run()?;
+        Ok(crc)
+    }
+
+    /// [`NvmeTier::commit`] in two steps: the rename, then (by
+    /// [`DirSync::run`]) the directory fsyncs that make it durable, which
+    /// take milliseconds on a disk. A caller that names copies under a lock
+    /// the request path needs runs the second step after letting go of it.
+    pub fn name(
+        &self,
+        staged: Staged<'_>,
+        key: &str,
+        owner: Option<FileOwner>,
+    ) -> Result<(u32, DirSync), NvmeError> {
         let dest = self.data.join(check_key(key)?);
         let Staged {
             mut tmp,
@@ -478,8 +493,14 @@ impl NvmeTier {
             self.sub_used(replaced);
             open_dir(parent_of(&dest)).map_err(io_err("open", parent_of(&dest)))?
         };
-        self.sync_dirs(parent, &dest, &created)?;
-        Ok(crc)
+        Ok((
+            crc,
+            DirSync {
+                parent,
+                dest,
+                created,
+            },
+        ))
     }
 
     /// Copies the contents of `key` to `dst` (written from offset 0 with
@@ -562,7 +583,12 @@ impl NvmeTier {
             };
             (src_parent, dest_parent)
         };
-        self.sync_dirs(dest_parent, &dest, &created)?;
+        DirSync {
+            parent: dest_parent,
+            dest: dest.clone(),
+            created,
+        }
+        .run()?;
         if let Some(fd) = src_parent {
             // SAFETY: plain syscall on an fd we own.
             cvt(unsafe { libc::fsync(fd.as_raw_fd()) })
@@ -830,26 +856,6 @@ impl NvmeTier {
         fs::rename(from, to).map_err(io_err("rename", to))
     }
 
-    /// fsyncs the directory holding a new name, and the parents of the
-    /// directories created for it, so the name survives a crash.
-    fn sync_dirs(
-        &self,
-        parent: OwnedFd,
-        dest: &Path,
-        created: &[PathBuf],
-    ) -> Result<(), NvmeError> {
-        // SAFETY: plain syscall on an fd we own.
-        cvt(unsafe { libc::fsync(parent.as_raw_fd()) })
-            .map_err(io_err("fsync", parent_of(dest)))?;
-        for dir in created {
-            let p = parent_of(dir);
-            let fd = open_dir(p).map_err(io_err("open", p))?;
-            // SAFETY: plain syscall on an fd we own.
-            cvt(unsafe { libc::fsync(fd.as_raw_fd()) }).map_err(io_err("fsync", p))?;
-        }
-        Ok(())
-    }
-
     /// Removes the parents of `path` that are empty, up to `data/`.
     /// Caller holds `names`.
     fn remove_empty_parents(&self, path: &Path) {
@@ -950,6 +956,31 @@ impl Drop for Reservation<'_> {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
                 Some(u.saturating_sub(bytes))
             });
+    }
+}
+
+/// What makes a new name durable: fsyncs of the directory that holds it
+/// and of every directory created for it. Dropped unrun, the name is there
+/// but a power loss may take it (a kill -9 cannot).
+#[must_use = "the name is not durable until run"]
+pub struct DirSync {
+    parent: OwnedFd,
+    dest: PathBuf,
+    created: Vec<PathBuf>,
+}
+
+impl DirSync {
+    pub fn run(self) -> Result<(), NvmeError> {
+        // SAFETY: plain syscall on an fd we own.
+        cvt(unsafe { libc::fsync(self.parent.as_raw_fd()) })
+            .map_err(io_err("fsync", parent_of(&self.dest)))?;
+        for dir in &self.created {
+            let p = parent_of(dir);
+            let fd = open_dir(p).map_err(io_err("open", p))?;
+            // SAFETY: plain syscall on an fd we own.
+            cvt(unsafe { libc::fsync(fd.as_raw_fd()) }).map_err(io_err("fsync", p))?;
+        }
+        Ok(())
     }
 }
 

@@ -314,16 +314,28 @@ impl Kvfs {
             gid: n.gid,
             perm: n.perm,
         });
-        lower.tier.commit(staged, &now, owner).map_err(nvme_err)?;
+        let (_, durable) = lower.tier.name(staged, &now, owner).map_err(nvme_err)?;
         if let Ok(path) = lower.tier.path_of(&now) {
             copy_times(&path, st.atime, st.mtime);
         }
         let node = ns.get_mut(ino)?;
         node.lower.nvme = Some(now);
         node.lower.nvme_stale = false;
-        let closed = node.open == 0;
+        // The directory fsyncs take milliseconds on a disk: not under the
+        // lock every request takes (they stalled foreground reads during
+        // write-back bursts). Still `flushing` meanwhile, so the host copy
+        // is not evicted (is_clean) before the copy's name is durable.
+        node.lower.flushing = true;
         lock(&lower.lru).put(ino, ());
-        if closed {
+        drop(ns);
+        let synced = durable.run().map_err(nvme_err);
+        let mut ns = self.ns();
+        if let Ok(node) = ns.get_mut(ino) {
+            node.lower.flushing = false;
+        }
+        synced?;
+        let clean = ns.get(ino).is_ok_and(|n| n.open == 0) && self.is_clean(&ns, ino);
+        if clean {
             let evicted = self.host.make_evictable(ino);
             self.drop_evicted(&mut ns, &evicted);
         }
