@@ -111,6 +111,10 @@ pub struct MountArgs {
     #[arg(long, env = "KVFS_S3_CAPACITY", value_name = "SIZE")]
     pub s3_capacity: Option<String>,
 
+    /// Files uploaded to S3 at once, 1 to 256 (default: 16).
+    #[arg(long, env = "KVFS_S3_UPLOADS", value_name = "N")]
+    pub s3_uploads: Option<String>,
+
     /// Serve Prometheus metrics over HTTP at this address, e.g. 127.0.0.1:9464 (default: off).
     #[arg(long, env = "KVFS_METRICS_ADDR", value_name = "ADDR")]
     pub metrics_addr: Option<String>,
@@ -198,7 +202,15 @@ pub struct S3Settings {
     pub expire_after: Option<std::time::Duration>,
     /// The oldest objects beyond this many bytes are deleted by it too.
     pub capacity: Option<u64>,
+    /// Files uploaded at once.
+    pub uploads: usize,
 }
+
+/// Default of `--s3-uploads`: S3 answers each request slowly but takes
+/// many at once (H100 machine, local server: 4 uploads drained at 0.29x
+/// of 16 raw PUTs in flight, 16 at 0.9x or better).
+pub const DEFAULT_S3_UPLOADS: usize = 16;
+const MAX_S3_UPLOADS: i64 = 256;
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -309,6 +321,10 @@ pub enum ConfigError {
         "invalid thread count {value:?} for {origin}: expected a whole number between {MIN_THREADS} and {MAX_THREADS}"
     )]
     InvalidThreads { value: String, origin: String },
+    #[error(
+        "invalid S3 upload count {value:?} for {origin}: expected a whole number between 1 and {MAX_S3_UPLOADS}"
+    )]
+    InvalidS3Uploads { value: String, origin: String },
     #[error("threads must be between {MIN_THREADS} and {MAX_THREADS}, got {got}")]
     ThreadsOutOfRange { got: i64 },
     #[error(
@@ -392,6 +408,7 @@ struct FileConfig {
     s3_cache_ttl: Option<String>,
     s3_expire_after: Option<String>,
     s3_capacity: Option<String>,
+    s3_uploads: Option<i64>,
     log_level: Option<String>,
     log_format: Option<String>,
     data_path: Option<String>,
@@ -783,6 +800,17 @@ fn resolve_s3(
         |v| &v.s3_capacity,
         "s3_capacity",
     );
+    let uploads = match (&args.s3_uploads, values.and_then(|v| v.s3_uploads)) {
+        (Some(s), _) => Some((
+            s.trim().parse::<i64>().ok(),
+            s.clone(),
+            "--s3-uploads".to_string(),
+        )),
+        (None, Some(n)) => file
+            .as_ref()
+            .map(|f| (Some(n), n.to_string(), f.origin("s3_uploads"))),
+        (None, None) => None,
+    };
     let path_style = args.s3_path_style || values.and_then(|v| v.s3_path_style).unwrap_or(false);
     let lazy = args.s3_lazy || values.and_then(|v| v.s3_lazy).unwrap_or(false);
     let Some((bucket, origin)) = bucket else {
@@ -793,6 +821,7 @@ fn resolve_s3(
             ttl.map(|p| p.1),
             expire.map(|p| p.1),
             capacity.map(|p| p.1),
+            uploads.as_ref().map(|u| u.2.clone()),
         ]
         .into_iter()
         .flatten()
@@ -856,6 +885,13 @@ fn resolve_s3(
         },
         None => None,
     };
+    let uploads = match uploads {
+        Some((Some(n), _, _)) if (1..=MAX_S3_UPLOADS).contains(&n) => n as usize,
+        Some((_, value, origin)) => {
+            return Err(ConfigError::InvalidS3Uploads { value, origin });
+        }
+        None => DEFAULT_S3_UPLOADS,
+    };
     Ok(Some(S3Settings {
         bucket: bucket.to_string(),
         prefix: prefix.map(|p| p.0.trim().to_string()).unwrap_or_default(),
@@ -866,6 +902,7 @@ fn resolve_s3(
         cache_ttl,
         expire_after,
         capacity,
+        uploads,
     }))
 }
 
@@ -1494,6 +1531,57 @@ mod tests {
             ..args_for(dir.path())
         };
         assert_eq!(Config::resolve(&args).unwrap().threads, 256);
+    }
+
+    #[test]
+    fn s3_uploads_default_bounds_and_sources() {
+        let dir = tempfile::tempdir().unwrap();
+        let with_bucket = |uploads: Option<&str>| MountArgs {
+            s3_bucket: Some("kv-cache".into()),
+            s3_uploads: uploads.map(String::from),
+            ..args_for(dir.path())
+        };
+        let uploads = |args: &MountArgs| Config::resolve(args).map(|c| c.s3.unwrap().uploads);
+        assert_eq!(uploads(&with_bucket(None)).unwrap(), DEFAULT_S3_UPLOADS);
+        assert_eq!(uploads(&with_bucket(Some("64"))).unwrap(), 64);
+        for bad in ["0", "257", "-1", "lots"] {
+            assert_eq!(
+                uploads(&with_bucket(Some(bad))).unwrap_err().to_string(),
+                format!(
+                    "invalid S3 upload count \"{bad}\" for --s3-uploads: expected a whole number between 1 and 256"
+                )
+            );
+        }
+        let args = MountArgs {
+            config: Some(write_config(
+                dir.path(),
+                "s3_bucket = \"kv-cache\"\ns3_uploads = 32\n",
+            )),
+            ..args_for(dir.path())
+        };
+        assert_eq!(uploads(&args).unwrap(), 32);
+        let args = MountArgs {
+            config: Some(write_config(
+                dir.path(),
+                "s3_bucket = \"kv-cache\"\ns3_uploads = 0\n",
+            )),
+            ..args_for(dir.path())
+        };
+        assert!(
+            uploads(&args)
+                .unwrap_err()
+                .to_string()
+                .contains("s3_uploads")
+        );
+        // Without a bucket it is a mistake, not ignored.
+        let args = MountArgs {
+            s3_uploads: Some("8".into()),
+            ..args_for(dir.path())
+        };
+        assert!(matches!(
+            Config::resolve(&args),
+            Err(ConfigError::S3WithoutBucket { .. })
+        ));
     }
 
     #[test]

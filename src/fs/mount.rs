@@ -267,7 +267,7 @@ pub fn mount(config: &Config) -> Result<Mounted, MountError> {
             expire_after: s3.expire_after,
             capacity: s3.capacity,
         };
-        core.attach_s3(tier, s3.cache_ttl, cleanup);
+        core.attach_s3(tier, s3.cache_ttl, cleanup, s3.uploads);
         core.set_sync_waits_for_s3(config.durability == Durability::Remote);
     }
     let core = Arc::new(core);

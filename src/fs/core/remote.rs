@@ -67,6 +67,8 @@ pub(super) struct Remote {
     /// unlinked while the bytes travel).
     sending: Mutex<std::collections::HashSet<String>>,
     cleanup: S3Cleanup,
+    /// Uploader threads: files uploaded at once.
+    uploads: usize,
     /// Objects the cleanup sweep queued for deletion.
     expired: AtomicU64,
 }
@@ -120,8 +122,6 @@ const REMOVED_MEMORY: Duration = Duration::from_secs(5);
 /// A job the server refused this many times is given up on.
 const MAX_REFUSALS: u32 = 4;
 
-/// Upload threads: enough to keep several objects in flight.
-const UPLOADERS: usize = 4;
 /// How far into the queue a free thread looks for a job it may start.
 const LOOKAHEAD: usize = 64;
 
@@ -156,8 +156,9 @@ pub(super) struct S3Usage {
 }
 
 impl Kvfs {
-    /// Adds the S3 tier; `ttl` bounds how long a lookup's answer is reused.
-    pub fn attach_s3(&mut self, tier: S3Tier, ttl: Duration, cleanup: S3Cleanup) {
+    /// Adds the S3 tier; `ttl` bounds how long a lookup's answer is reused,
+    /// `uploads` how many files are uploaded at once.
+    pub fn attach_s3(&mut self, tier: S3Tier, ttl: Duration, cleanup: S3Cleanup, uploads: usize) {
         self.remote = Some(Remote {
             tier,
             jobs: Mutex::new(Queue::default()),
@@ -171,6 +172,7 @@ impl Kvfs {
             removed: Mutex::new(HashMap::new()),
             sending: Mutex::new(Default::default()),
             cleanup,
+            uploads: uploads.max(1),
             expired: AtomicU64::new(0),
         });
         // Files recovered from NVMe may or may not be in S3 already.
@@ -189,10 +191,10 @@ impl Kvfs {
 
     /// Starts the uploader thread; it holds the core weakly.
     pub fn start_uploader(self: &Arc<Self>) -> std::io::Result<()> {
-        if self.remote.is_none() {
+        let Some(uploads) = self.remote.as_ref().map(|r| r.uploads) else {
             return Ok(());
-        }
-        for _ in 0..UPLOADERS {
+        };
+        for _ in 0..uploads {
             let core: Weak<Kvfs> = Arc::downgrade(self);
             std::thread::Builder::new()
                 .name("kvfs-upload".into())
