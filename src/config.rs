@@ -111,7 +111,7 @@ pub struct MountArgs {
     #[arg(long, env = "KVFS_S3_CAPACITY", value_name = "SIZE")]
     pub s3_capacity: Option<String>,
 
-    /// Files uploaded to S3 at once, 1 to 256 (default: 16).
+    /// Files uploaded to S3 at once, 1 to 256 (default: 8).
     #[arg(long, env = "KVFS_S3_UPLOADS", value_name = "N")]
     pub s3_uploads: Option<String>,
 
@@ -206,10 +206,12 @@ pub struct S3Settings {
     pub uploads: usize,
 }
 
-/// Default of `--s3-uploads`: S3 answers each request slowly but takes
-/// many at once (H100 machine, local server: 4 uploads drained at 0.29x
-/// of 16 raw PUTs in flight, 16 at 0.9x or better).
-pub const DEFAULT_S3_UPLOADS: usize = 16;
+/// Default of `--s3-uploads`. S3 answers each request slowly but takes
+/// many at once; uploads also take CPU and memory bandwidth from writers.
+/// H100 machine, local server, 16 writers, scripts/bench-s3 (drain vs raw
+/// PUT, connector write rate): 4 uploads 0.27x, 5.9 GB/s; 8: 0.54x, 5.4;
+/// 16: 0.55x, 2.0; 32: 0.49x, 1.7.
+pub const DEFAULT_S3_UPLOADS: usize = 8;
 const MAX_S3_UPLOADS: i64 = 256;
 
 /// How log lines are written.
