@@ -43,6 +43,25 @@ use super::{StoreError, pread_upto, pwrite_all};
 
 /// Smallest room kept ahead of a new writer when nothing bigger was seen yet.
 const MIN_RESERVE: u64 = 1 << 20;
+
+/// Who asks for room in the tier (see [`HostTier::is_jammed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Room {
+    /// A new or reopened file about to be written.
+    Write,
+    /// A file copied up from a lower tier for a reader.
+    Read,
+}
+
+/// Room writers leave to readers' promotions: two of the largest files, or
+/// an eighth of the tier if that is more, but never more than half of it,
+/// nor so much that a writer could not pass on an empty tier.
+fn read_room(capacity: u64, reserve: u64) -> u64 {
+    (2 * reserve)
+        .max(capacity / 8)
+        .min(capacity / 2)
+        .min(capacity.saturating_sub(reserve))
+}
 /// Files smaller than this are not page-locked: each locked file costs one
 /// memory mapping, and a process may only have vm.max_map_count (65530 by
 /// default) of them. KV blocks are megabytes.
@@ -580,6 +599,8 @@ struct Inner {
     /// lower tier holds it: what write-back can free without any user
     /// closing anything.
     awaiting_lower: HashSet<u64>,
+    /// The part of `in_use` created and not yet settled: being written.
+    writing: HashSet<u64>,
     /// Sum of `Entry::bytes`.
     accounted: u64,
     /// Largest sealed file so far: the room a new writer probably needs.
@@ -663,6 +684,7 @@ pub struct HostTier {
     locker: Mutex<Option<mpsc::Sender<Weak<HostFile>>>>,
     evictions: AtomicU64,
     spares_reused: AtomicU64,
+    lowered: AtomicU64,
 }
 
 impl HostTier {
@@ -683,12 +705,14 @@ impl HostTier {
                 evictable: LruCache::unbounded(),
                 in_use: HashSet::new(),
                 awaiting_lower: HashSet::new(),
+                writing: HashSet::new(),
                 accounted: 0,
                 largest: 0,
             }),
             lock_failed,
             evictions: AtomicU64::new(0),
             spares_reused: AtomicU64::new(0),
+            lowered: AtomicU64::new(0),
         }
     }
 
@@ -725,10 +749,11 @@ impl HostTier {
         Ok(file)
     }
 
-    /// Accounts a new file as in use (measured later).
+    /// Accounts a new file as in use (measured later) and being written.
     fn track_new(&self, file: &Arc<HostFile>) {
         let mut inner = self.inner();
         inner.in_use.insert(file.ino);
+        inner.writing.insert(file.ino);
         inner.files.insert(
             file.ino,
             Entry {
@@ -841,6 +866,7 @@ impl HostTier {
         inner.set_bytes(ino, bytes);
         inner.in_use.remove(&ino);
         inner.awaiting_lower.remove(&ino);
+        inner.writing.remove(&ino);
         // Settling again (e.g. to pin a file whose lower copy was dropped)
         // must not leave it in the LRU as well.
         inner.evictable.pop(&ino);
@@ -894,6 +920,7 @@ impl HostTier {
         if !inner.awaiting_lower.remove(&ino) {
             return Vec::new();
         }
+        self.lowered.fetch_add(1, Ordering::Relaxed);
         inner.in_use.remove(&ino);
         inner.evictable.put(ino, ());
         let evicted = inner.evict_above(self.capacity, &self.dir);
@@ -901,24 +928,48 @@ impl HostTier {
         self.count_evictions(&evicted)
     }
 
-    /// True while files that cannot be evicted leave no room for a new one:
-    /// a writer should wait for the flusher rather than fail.
-    pub fn is_jammed(&self) -> bool {
+    /// True while files that cannot be evicted leave no room for one more
+    /// file: the caller should wait for the flusher rather than fail.
+    ///
+    /// A writer also leaves room for readers ([`read_room`]): a read of a
+    /// file only on a lower tier must be copied into this tier, and if
+    /// writers could pin all of it, every such read during a write burst
+    /// would wait for write-back (found as read p99 3-4x idle under a burst
+    /// on the GPU machine). And a file being written counts as at least as
+    /// large as the largest file so far, since its writer has not written
+    /// yet what it will: otherwise N writers passing the check at once
+    /// would fill N files into the room of one.
+    pub fn is_jammed(&self, room: Room) -> bool {
         let mut inner = self.inner();
         inner.refresh_in_use();
+        let reserve = inner.largest.max(MIN_RESERVE).min(self.capacity);
         let pinned: u64 = inner
             .in_use
             .iter()
-            .filter_map(|ino| inner.files.get(ino).map(|e| e.bytes))
+            .filter_map(|ino| {
+                let bytes = inner.files.get(ino)?.bytes;
+                Some(match room {
+                    Room::Write if inner.writing.contains(ino) => bytes.max(reserve),
+                    _ => bytes,
+                })
+            })
             .sum();
-        let reserve = inner.largest.max(MIN_RESERVE).min(self.capacity);
-        pinned + reserve > self.capacity
+        let margin = match room {
+            Room::Write => read_room(self.capacity, reserve),
+            Room::Read => 0,
+        };
+        pinned + reserve + margin > self.capacity
     }
 
     /// True while some pinned file waits only for write-back, which will
     /// free it without anyone closing anything.
     pub fn awaits_write_back(&self) -> bool {
         !self.inner().awaiting_lower.is_empty()
+    }
+
+    /// How many files write-back has freed so far: waiters watch it move.
+    pub fn lowered(&self) -> u64 {
+        self.lowered.load(Ordering::Relaxed)
     }
 
     /// Finishes settling a file: closes its descriptor and hands it to the
@@ -997,6 +1048,7 @@ impl HostTier {
         inner.evictable.pop(&ino);
         inner.in_use.remove(&ino);
         inner.awaiting_lower.remove(&ino);
+        inner.writing.remove(&ino);
         if let Some(e) = inner.files.remove(&ino) {
             inner.accounted -= e.bytes;
         }
@@ -1120,11 +1172,11 @@ mod tests {
         fill(&tier, 20, page as usize);
         fill(&tier, 21, page as usize);
         // Both written and still open: jammed, and write-back cannot help.
-        assert!(tier.is_jammed());
+        assert!(tier.is_jammed(Room::Read));
         assert!(!tier.awaits_write_back());
         // One sealed but not yet on a lower tier: write-back can help.
         tier.settle(20, false);
-        assert!(tier.is_jammed() && tier.awaits_write_back());
+        assert!(tier.is_jammed(Room::Read) && tier.awaits_write_back());
         // Reopened, it is pinned by its user again: write-back finishing
         // meanwhile must not make it evictable.
         tier.acquire(20);
@@ -1140,7 +1192,7 @@ mod tests {
         // file pins the tier: room enough.
         tier.make_evictable(20);
         assert!(!tier.awaits_write_back());
-        assert!(!tier.is_jammed());
+        assert!(!tier.is_jammed(Room::Read));
         tier.settle(21, false);
         tier.remove(21);
         assert!(!tier.awaits_write_back());
@@ -1220,6 +1272,36 @@ mod tests {
         assert_eq!(tier.usage().spare_bytes, size);
         assert!(tier.take_spare(size / 2).is_none());
         assert_eq!(tier.usage().spare_bytes, 0);
+    }
+
+    #[test]
+    fn writers_leave_room_for_readers_and_count_files_being_written() {
+        let block = 1 << 20;
+        // Room for 7 blocks; writers leave 2 to promotions.
+        let tier = HostTier::scratch(7 * block, false);
+        let sealed = |ino: u64| {
+            fill(&tier, ino, block as usize);
+            tier.settle(ino, false); // not yet on a lower tier
+        };
+        for ino in 20..24 {
+            sealed(ino);
+        }
+        // 4 pinned + 1 for the new file + 2 for readers: a writer goes on.
+        assert!(!tier.is_jammed(Room::Write));
+        sealed(24);
+        // 5 pinned: a writer waits, a promotion still fits.
+        assert!(tier.is_jammed(Room::Write));
+        assert!(!tier.is_jammed(Room::Read));
+        // Two files just created count as a block each before any write,
+        // so the second of two writers arriving at once waits.
+        tier.remove(24);
+        assert!(!tier.is_jammed(Room::Write));
+        tier.create(30).unwrap();
+        assert!(
+            tier.is_jammed(Room::Write),
+            "an empty new file counted as nothing"
+        );
+        assert!(!tier.is_jammed(Room::Read));
     }
 
     #[test]

@@ -18,6 +18,7 @@ use super::{FsError, Kvfs, Result, io_err, lock};
 use crate::namespace::{Ino, Namespace, NodeKind, NsError, Owner};
 use crate::store::HostFile;
 use crate::store::host::FileStat;
+use crate::store::host::Room;
 use crate::store::host::SetTime;
 use crate::store::nvme::{FileOwner, NvmeError, NvmeTier, Recovered, Staged};
 
@@ -50,9 +51,43 @@ const BACKPRESSURE_LIMIT: Duration = Duration::from_secs(10);
 /// anyway (found by the model test at a 4 MiB host tier: 10 s per create).
 const RELEASE_GRACE: Duration = Duration::from_millis(100);
 
-/// Whether a writer that has waited `waited` for room should go on waiting.
-fn worth_waiting(host: &crate::store::host::HostTier, waited: Duration) -> bool {
-    waited < BACKPRESSURE_LIMIT && (waited < RELEASE_GRACE || host.awaits_write_back())
+/// How long a writer waits while write-back frees nothing: a copy that
+/// keeps failing (S3 refusing one object, say) must not hold every writer
+/// for the whole limit.
+const STALL: Duration = Duration::from_secs(2);
+
+/// A writer's wait for room: whether it is still worth going on.
+struct Wait {
+    start: Instant,
+    lowered: u64,
+    moved: Instant,
+}
+
+impl Wait {
+    fn new(host: &crate::store::host::HostTier) -> Wait {
+        let now = Instant::now();
+        Wait {
+            start: now,
+            lowered: host.lowered(),
+            moved: now,
+        }
+    }
+
+    fn worth(&mut self, host: &crate::store::host::HostTier) -> bool {
+        let lowered = host.lowered();
+        if lowered != self.lowered {
+            self.lowered = lowered;
+            self.moved = Instant::now();
+        }
+        let waited = self.start.elapsed();
+        waited < BACKPRESSURE_LIMIT
+            && (waited < RELEASE_GRACE
+                || (host.awaits_write_back() && self.moved.elapsed() < STALL))
+    }
+
+    fn waited(&self) -> Duration {
+        self.start.elapsed()
+    }
 }
 
 fn nvme_err(e: NvmeError) -> FsError {
@@ -358,8 +393,18 @@ impl Kvfs {
     /// writers keep growing their files, so a check before taking the lock
     /// can pass and the room still be gone by the time it is made.
     pub(super) fn ns_with_room(&self) -> Result<std::sync::MutexGuard<'_, Namespace>> {
-        self.wait_for_flushes();
-        let (ns, room) = self.room_to_write(self.ns());
+        self.ns_with(Room::Write)
+    }
+
+    /// The same for a file copied up for a reader, which may use the room
+    /// writers leave free ([`HostTier::is_jammed`]).
+    pub(super) fn ns_with_room_to_read(&self) -> Result<std::sync::MutexGuard<'_, Namespace>> {
+        self.ns_with(Room::Read)
+    }
+
+    fn ns_with(&self, who: Room) -> Result<std::sync::MutexGuard<'_, Namespace>> {
+        self.wait_for_flushes(who);
+        let (ns, room) = self.room_for(self.ns(), who);
         room.map(|()| ns)
     }
 
@@ -370,17 +415,25 @@ impl Kvfs {
     /// before were still being copied to NVMe.
     pub(super) fn room_to_write<'a>(
         &'a self,
-        mut ns: std::sync::MutexGuard<'a, Namespace>,
+        ns: std::sync::MutexGuard<'a, Namespace>,
     ) -> (std::sync::MutexGuard<'a, Namespace>, Result<()>) {
-        let start = Instant::now();
+        self.room_for(ns, Room::Write)
+    }
+
+    fn room_for<'a>(
+        &'a self,
+        mut ns: std::sync::MutexGuard<'a, Namespace>,
+        who: Room,
+    ) -> (std::sync::MutexGuard<'a, Namespace>, Result<()>) {
+        let mut wait = Wait::new(&self.host);
         loop {
             match self.make_room(&mut ns) {
                 Err(FsError::Store(crate::store::StoreError::NoSpace { .. }))
-                    if self.has_lower_tiers() && worth_waiting(&self.host, start.elapsed()) =>
+                    if self.has_lower_tiers() && wait.worth(&self.host) =>
                 {
                     // Not under the namespace lock: the flusher needs it.
                     drop(ns);
-                    self.wait_for_flushes();
+                    self.wait_for_flushes(who);
                     std::thread::sleep(Duration::from_millis(10));
                     ns = self.ns();
                 }
@@ -395,17 +448,17 @@ impl Kvfs {
     /// It cannot wait only on queued flushes: the kernel sends RELEASE
     /// asynchronously, so the previous file of the same writer may not even
     /// be queued yet when its next create arrives.
-    pub(super) fn wait_for_flushes(&self) {
+    pub(super) fn wait_for_flushes(&self, who: Room) {
         if !self.has_lower_tiers() {
             return;
         }
-        let start = Instant::now();
-        while self.host.is_jammed() && worth_waiting(&self.host, start.elapsed()) {
+        let mut wait = Wait::new(&self.host);
+        while self.host.is_jammed(who) && wait.worth(&self.host) {
             let g = lock(&self.progress.0);
             let _ = self.progress.1.wait_timeout(g, Duration::from_millis(20));
         }
-        if start.elapsed() >= Duration::from_millis(20) {
-            log_pressure(start.elapsed());
+        if wait.waited() >= Duration::from_millis(20) {
+            log_pressure(wait.waited());
         }
     }
 
@@ -621,7 +674,7 @@ impl Kvfs {
             return Ok(f); // another open promoted it
         }
         let key = {
-            let ns = self.ns_with_room()?;
+            let ns = self.ns_with_room_to_read()?;
             ns.get(ino)?.lower.nvme.clone().ok_or(FsError::Stale(ino))?
         };
         let file = self.host.create(ino)?;

@@ -626,7 +626,7 @@ impl Kvfs {
         // A queued rename must reach S3 before the object is at its key.
         let deadline = Instant::now() + Duration::from_secs(30);
         let copy = loop {
-            let ns = self.ns_with_room()?;
+            let ns = self.ns_with_room_to_read()?;
             let copy = ns.get(ino)?.lower.s3.clone().ok_or(FsError::Stale(ino))?;
             if copy.settled || Instant::now() > deadline {
                 break copy;
