@@ -100,7 +100,7 @@ impl Drop for Mapping {
 /// A mapping registered for DMA. Field order is drop order: the
 /// registration goes before the mapping it covers, and the descriptor
 /// (which keeps the inode, so its number, from being reused) goes last.
-pub struct Dma {
+struct Dma {
     _reg: Registered,
     map: Mapping,
     _fd: OwnedFd,
@@ -156,15 +156,15 @@ impl RegCache {
 
     /// The registered mapping of `fd`'s file: the cached one if this inode
     /// is cached with the same length (and writable, if asked), else a new
-    /// one, cached.
+    /// one (on a descriptor of its own), cached.
     fn get(
         &self,
         ctx: &Arc<Context>,
-        fd: OwnedFd,
+        fd: &OwnedFd,
         len: usize,
         writable: bool,
     ) -> Result<Arc<Dma>, GpuError> {
-        let key = inode_of(&fd)?;
+        let key = inode_of(fd)?;
         if self.limit > 0 {
             let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(d) = inner.lru.get(&key)
@@ -174,7 +174,10 @@ impl RegCache {
                 return Ok(Arc::clone(d));
             }
         }
-        let dma = Arc::new(Dma::new(ctx, fd, len, writable)?);
+        let own = fd
+            .try_clone()
+            .map_err(|e| GpuError::Zerocopy(format!("dup: {e}")))?;
+        let dma = Arc::new(Dma::new(ctx, own, len, writable)?);
         if self.limit >= len as u64 {
             let mut evicted = Vec::new();
             let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -286,12 +289,7 @@ pub fn prepare_slot(
     let Slot { id, size: got, fd } = client.alloc(size).map_err(zc_err("alloc"))?;
     let result = (|| {
         let dma = match cache {
-            Some(c) => {
-                let dup = fd
-                    .try_clone()
-                    .map_err(|e| GpuError::Zerocopy(format!("dup: {e}")))?;
-                Some(c.get(ctx, dup, got as usize, true)?)
-            }
+            Some(c) => Some(c.get(ctx, &fd, got as usize, true)?),
             None => None,
         };
         Ok(ReadySlot {
@@ -454,11 +452,7 @@ impl OpenFile {
         let Resident { handle, size, fd } = client.open(path).map_err(zc_err("open"))?;
         let t = Instant::now();
         let dma = match cache {
-            Some(c) => fd
-                .try_clone()
-                .map_err(|e| GpuError::Zerocopy(format!("dup: {e}")))
-                .and_then(|dup| c.get(ctx, dup, size as usize, false))
-                .map(Some),
+            Some(c) => c.get(ctx, &fd, size as usize, false).map(Some),
             None => Ok(None),
         };
         match dma {

@@ -26,7 +26,7 @@
 //! thing dropped when room is needed.
 
 use std::any::Any;
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -176,7 +176,7 @@ struct Spares {
     /// exactly this size are kept.
     size: u64,
     /// Names in the backing directory (`spare-N`), most recent last.
-    names: Vec<CString>,
+    names: VecDeque<CString>,
     next: u64,
 }
 
@@ -195,8 +195,7 @@ pub struct Spare {
 
 impl Drop for Spare {
     fn drop(&mut self) {
-        // SAFETY: valid dirfd and C string.
-        unsafe { libc::unlinkat(self.dir.fd.as_raw_fd(), self.name.as_ptr(), 0) };
+        self.dir.unlink(&self.name);
     }
 }
 
@@ -278,34 +277,38 @@ impl BackingDir {
         let Ok(spare) = CString::new(format!("spare-{}", spares.next)) else {
             return false;
         };
-        // SAFETY: valid dirfd and C strings.
-        let rc = unsafe {
-            libc::renameat(
-                self.fd.as_raw_fd(),
-                name.as_ptr(),
-                self.fd.as_raw_fd(),
-                spare.as_ptr(),
-            )
-        };
-        if rc != 0 {
+        if self.rename(name, &spare).is_err() {
             return false;
         }
-        spares.names.push(spare);
+        spares.names.push_back(spare);
         true
     }
 
     /// Deletes the oldest spare; false if there is none.
     fn drop_spare(&self) -> bool {
-        let name = {
-            let mut spares = lock_or_recover(&self.spares);
-            if spares.names.is_empty() {
-                return false;
-            }
-            spares.names.remove(0)
-        };
+        let name = lock_or_recover(&self.spares).names.pop_front();
+        name.map(|name| self.unlink(&name)).is_some()
+    }
+
+    /// Renames one of its files.
+    fn rename(&self, from: &CString, to: &CString) -> io::Result<()> {
+        // SAFETY: valid dirfd and C strings.
+        cvt(unsafe {
+            libc::renameat(
+                self.fd.as_raw_fd(),
+                from.as_ptr(),
+                self.fd.as_raw_fd(),
+                to.as_ptr(),
+            )
+        })
+        .map(drop)
+    }
+
+    /// Deletes one of its files (best effort: a leftover goes with the
+    /// directory at unmount).
+    fn unlink(&self, name: &CString) {
         // SAFETY: valid dirfd and C string.
         unsafe { libc::unlinkat(self.fd.as_raw_fd(), name.as_ptr(), 0) };
-        true
     }
 
     fn spare_bytes(&self) -> u64 {
@@ -362,15 +365,31 @@ impl Drop for HostFile {
         // the next file's bytes.
         let kernel_had_it = lock_or_recover(&self.attachment).is_some();
         if kernel_had_it || !self.dir.keep_spare(&self.name) {
-            // SAFETY: valid dirfd and C string.
-            unsafe { libc::unlinkat(self.dir.fd.as_raw_fd(), self.name.as_ptr(), 0) };
+            self.dir.unlink(&self.name);
         }
     }
 }
 
 impl HostFile {
+    /// The backing file's name for inode `ino`.
+    fn name_of(ino: u64) -> io::Result<CString> {
+        CString::new(ino.to_string()).map_err(io::Error::other)
+    }
+
+    /// The file `name` in `dir`, already there (`fd` open on it or not).
+    fn named(dir: &Arc<BackingDir>, ino: u64, name: CString, fd: Option<OwnedFd>) -> HostFile {
+        HostFile {
+            ino,
+            dir: Arc::clone(dir),
+            name,
+            fd: Mutex::new(fd.map(Arc::new)),
+            locked: Mutex::new(None),
+            attachment: Mutex::new(None),
+        }
+    }
+
     fn new(dir: &Arc<BackingDir>, ino: u64) -> io::Result<HostFile> {
-        let name = CString::new(ino.to_string()).map_err(io::Error::other)?;
+        let name = Self::name_of(ino)?;
         // SAFETY: valid dirfd and C string; the fd is owned below.
         let fd = cvt(unsafe {
             libc::openat(
@@ -380,15 +399,9 @@ impl HostFile {
                 0o600,
             )
         })?;
-        Ok(HostFile {
-            ino,
-            dir: Arc::clone(dir),
-            name,
-            // SAFETY: a fresh descriptor nobody else owns.
-            fd: Mutex::new(Some(Arc::new(unsafe { OwnedFd::from_raw_fd(fd) }))),
-            locked: Mutex::new(None),
-            attachment: Mutex::new(None),
-        })
+        // SAFETY: a fresh descriptor nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(HostFile::named(dir, ino, name, Some(fd)))
     }
 
     pub fn ino(&self) -> u64 {
@@ -774,14 +787,11 @@ impl HostTier {
             let old = std::mem::take(&mut spares.names);
             drop(spares);
             for name in old {
-                drop(Spare {
-                    dir: Arc::clone(&self.dir),
-                    name,
-                });
+                self.dir.unlink(&name);
             }
             return None;
         }
-        spares.names.pop().map(|name| Spare {
+        spares.names.pop_back().map(|name| Spare {
             dir: Arc::clone(&self.dir),
             name,
         })
@@ -797,28 +807,11 @@ impl HostTier {
         spare: Option<Spare>,
     ) -> Result<Arc<HostFile>, StoreError> {
         if let Some(spare) = spare {
-            let name = CString::new(ino.to_string())
-                .map_err(|e| StoreError::io("name slot")(io::Error::other(e)))?;
-            // SAFETY: valid dirfd and C strings.
-            let renamed = cvt(unsafe {
-                libc::renameat(
-                    self.dir.fd.as_raw_fd(),
-                    spare.name.as_ptr(),
-                    self.dir.fd.as_raw_fd(),
-                    name.as_ptr(),
-                )
-            });
-            match renamed {
-                Ok(_) => {
+            let name = HostFile::name_of(ino).map_err(StoreError::io("name slot"))?;
+            match self.dir.rename(&spare.name, &name) {
+                Ok(()) => {
                     std::mem::forget(spare);
-                    let file = Arc::new(HostFile {
-                        ino,
-                        dir: Arc::clone(&self.dir),
-                        name,
-                        fd: Mutex::new(None),
-                        locked: Mutex::new(None),
-                        attachment: Mutex::new(None),
-                    });
+                    let file = Arc::new(HostFile::named(&self.dir, ino, name, None));
                     self.track_new(&file);
                     self.spares_reused.fetch_add(1, Ordering::Relaxed);
                     return Ok(file);

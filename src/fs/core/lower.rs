@@ -448,7 +448,7 @@ impl Kvfs {
     /// It cannot wait only on queued flushes: the kernel sends RELEASE
     /// asynchronously, so the previous file of the same writer may not even
     /// be queued yet when its next create arrives.
-    pub(super) fn wait_for_flushes(&self, who: Room) {
+    fn wait_for_flushes(&self, who: Room) {
         if !self.has_lower_tiers() {
             return;
         }
