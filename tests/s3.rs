@@ -310,6 +310,241 @@ fn two_nodes_share_the_bucket() {
     );
 }
 
+/// uid, gid and permission bits of a file, if it can be stat'ed.
+fn owner_of(p: &Path) -> Option<(u32, u32, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    let md = fs::metadata(p).ok()?;
+    Some((md.uid(), md.gid(), md.mode() & 0o7777))
+}
+
+/// The object's `kvfs-owner` metadata, read with the tests' own client.
+fn owner_meta(srv: &S3Server, key: &str) -> Option<String> {
+    srv.get(key)?.1.get("kvfs-owner").cloned()
+}
+
+// 3b. Owner and mode travel with the object: set before the upload, they
+// are in its metadata, and a mount with empty local tiers shows them,
+// whether it finds the file by name (HEAD) or by a listing (LIST, then a
+// HEAD at the first lookup). Objects without them, or with a malformed
+// value, show as the mount's owner with mode 0644.
+#[test]
+fn owner_and_mode_travel_with_the_object() {
+    use std::os::unix::fs::{PermissionsExt, fchown};
+    let srv = S3Server::start();
+    let extra = ["--nvme-dir", "none"];
+    let mut a = mount(&srv, "kv/own", &extra);
+    fs::create_dir(a.path("d")).unwrap();
+    let x = block(60, 1 << 20);
+    // Above the single-PUT limit: the multipart upload's metadata.
+    let y = block(61, 66 << 20);
+    // Changed while still open for writing, so before the upload (a file
+    // open for writing is not sent).
+    for (name, data, mode, uid, gid) in [
+        ("d/x.bin", &x, 0o600, 1234, 5678),
+        ("d/y.bin", &y, 0o640, 4321, 8765),
+    ] {
+        let mut f = fs::File::create(a.path(name)).unwrap();
+        f.write_all(data).unwrap();
+        f.set_permissions(fs::Permissions::from_mode(mode)).unwrap();
+        fchown(&f, Some(uid), Some(gid)).unwrap();
+    }
+    wait_object(&srv, "kv/own/d/x.bin", &x, 30);
+    wait_object(&srv, "kv/own/d/y.bin", &y, 60);
+    assert_eq!(
+        owner_meta(&srv, "kv/own/d/x.bin").as_deref(),
+        Some("1234:5678:600")
+    );
+    assert_eq!(
+        owner_meta(&srv, "kv/own/d/y.bin").as_deref(),
+        Some("4321:8765:640")
+    );
+    // Written by another tool: no owner, and a damaged one.
+    let p = block(62, 64 << 10);
+    let q = block(63, 64 << 10);
+    for dir in ["d", "e"] {
+        srv.put(
+            &format!("kv/own/{dir}/plain.bin"),
+            &p,
+            &[("kvfs-crc32c", &crc_hex(&p))],
+        );
+        srv.put(
+            &format!("kv/own/{dir}/bad.bin"),
+            &q,
+            &[("kvfs-crc32c", &crc_hex(&q)), ("kvfs-owner", "1234:5678")],
+        );
+    }
+    wait_uploaded(&a, 2, 30);
+
+    // B, a fresh mount: names from a listing, then stat.
+    let b = mount(&srv, "kv/own", &extra);
+    let root = owner_of(&b.path("")).unwrap();
+    let default = (root.0, root.1, 0o644);
+    assert_eq!(
+        sorted_names(&b.path("d")),
+        ["bad.bin", "plain.bin", "x.bin", "y.bin"]
+    );
+    assert_eq!(owner_of(&b.path("d/x.bin")), Some((1234, 5678, 0o600)));
+    assert_eq!(owner_of(&b.path("d/y.bin")), Some((4321, 8765, 0o640)));
+    assert_eq!(owner_of(&b.path("d/plain.bin")), Some(default));
+    assert_eq!(owner_of(&b.path("d/bad.bin")), Some(default));
+    assert!(fs::read(b.path("d/bad.bin")).unwrap() == q);
+
+    // A again, its memory lost (no NVMe tier): names by lookup (HEAD).
+    a.restart(&refs(&args(&srv, "kv/own", &extra)));
+    assert_eq!(tier(&a.path("d/x.bin")), "s3");
+    assert_eq!(owner_of(&a.path("d/x.bin")), Some((1234, 5678, 0o600)));
+    assert_eq!(owner_of(&a.path("d/y.bin")), Some((4321, 8765, 0o640)));
+    assert_eq!(owner_of(&a.path("e/plain.bin")), Some(default));
+    assert_eq!(owner_of(&a.path("e/bad.bin")), Some(default));
+    assert!(fs::read(a.path("e/bad.bin")).unwrap() == q);
+    assert!(fs::read(a.path("d/x.bin")).unwrap() == x);
+}
+
+// 3c. A chmod or chown after the upload reaches the object (its bytes and
+// other metadata kept), and the other node shows it after its TTL; one
+// during an outage arrives when S3 is back, also when a rename of the file
+// is queued behind it.
+#[test]
+fn chmod_after_the_upload_reaches_the_object() {
+    use std::os::unix::fs::{PermissionsExt, chown};
+    let mut srv = S3Server::start();
+    let extra = ["--s3-cache-ttl", "1s", "--nvme-dir", "none"];
+    let a = mount(&srv, "kv/chmod", &extra);
+    let b = mount(&srv, "kv/chmod", &extra);
+    let x = block(70, 1 << 20);
+    let w = block(71, 1 << 20);
+    store_llmd(&a.path("x.bin"), &x);
+    store_llmd(&a.path("w.bin"), &w);
+    wait_object(&srv, "kv/chmod/x.bin", &x, 30);
+    wait_object(&srv, "kv/chmod/w.bin", &w, 30);
+    poll(
+        10,
+        || format!("x.bin tier on A: {}", tier(&a.path("x.bin"))),
+        || tier(&a.path("x.bin")).contains("s3").then_some(()),
+    );
+    let (_, before) = srv.get("kv/chmod/x.bin").unwrap();
+    let created = owner_of(&a.path("x.bin")).unwrap();
+    assert_eq!(owner_of(&b.path("x.bin")), Some(created));
+
+    fs::set_permissions(a.path("x.bin"), fs::Permissions::from_mode(0o640)).unwrap();
+    chown(a.path("x.bin"), Some(1234), Some(5678)).unwrap();
+    let (data, meta) = poll(
+        10,
+        || {
+            format!(
+                "owner never reached the object: {:?}",
+                srv.get("kv/chmod/x.bin").map(|o| o.1)
+            )
+        },
+        || {
+            let (data, meta) = srv.get("kv/chmod/x.bin")?;
+            (meta.get("kvfs-owner").map(String::as_str) == Some("1234:5678:640"))
+                .then_some((data, meta))
+        },
+    );
+    assert!(data == x, "the object's bytes changed");
+    for k in ["kvfs-crc32c", "kvfs-mtime-ns"] {
+        assert_eq!(meta.get(k), before.get(k), "{k} after the owner update");
+    }
+    // B, which found it earlier, sees the change once its TTL has passed.
+    poll(
+        10,
+        || format!("B shows {:?}", owner_of(&b.path("x.bin"))),
+        || (owner_of(&b.path("x.bin")) == Some((1234, 5678, 0o640))).then_some(()),
+    );
+    assert!(fs::read(b.path("x.bin")).unwrap() == x);
+
+    // During an outage: on A a chmod of a file it holds; on B, of a file
+    // only in S3 between two renames (the chmod's job waits for the first
+    // move, and then must wait for the second before it rewrites the
+    // object at its final key).
+    assert_eq!(owner_of(&b.path("w.bin")), Some(created));
+    let errors = |m: &KvfsMount| s3_status(m)["errors"].as_u64().unwrap_or(0);
+    let (errors_a, errors_b) = (errors(&a), errors(&b));
+    srv.stop();
+    fs::set_permissions(a.path("x.bin"), fs::Permissions::from_mode(0o604)).unwrap();
+    fs::rename(b.path("w.bin"), b.path("u.bin")).unwrap();
+    fs::set_permissions(b.path("u.bin"), fs::Permissions::from_mode(0o600)).unwrap();
+    for (m, before) in [(&a, errors_a), (&b, errors_b)] {
+        poll(
+            20,
+            || format!("the owner job never failed: {}", m.status()),
+            || (errors(m) >= before + 2).then_some(()),
+        );
+    }
+    fs::rename(b.path("u.bin"), b.path("v.bin")).unwrap();
+    srv.start_again();
+    for m in [&a, &b] {
+        poll(
+            60,
+            || format!("backlog never drained: {}", m.status()),
+            || (s3_status(m)["backlog_jobs"].as_u64() == Some(0)).then_some(()),
+        );
+    }
+    assert_eq!(
+        owner_meta(&srv, "kv/chmod/x.bin").as_deref(),
+        Some("1234:5678:604")
+    );
+    wait_object(&srv, "kv/chmod/v.bin", &w, 5);
+    assert_eq!(
+        owner_meta(&srv, "kv/chmod/v.bin"),
+        Some(format!("{}:{}:600", created.0, created.1))
+    );
+    assert!(!srv.exists("kv/chmod/w.bin") && !srv.exists("kv/chmod/u.bin"));
+    // A never held v.bin: it finds it with B's mode.
+    poll(
+        10,
+        || format!("A shows {:?}", owner_of(&a.path("v.bin"))),
+        || (owner_of(&a.path("v.bin")) == Some((created.0, created.1, 0o600))).then_some(()),
+    );
+}
+
+// 3d. With an NVMe tier, a chmod whose job the unmount left undone (S3
+// down) reaches the object at the next mount, without a new upload.
+#[test]
+fn a_chmod_left_undone_at_unmount_reaches_the_object_at_the_next_mount() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut srv = S3Server::start();
+    let nvme = disk_dir();
+    let extra = ["--nvme-dir", nvme.path().to_str().unwrap()];
+    let mut m = mount(&srv, "kv/undone", &extra);
+    let x = block(80, 1 << 20);
+    store_llmd(&m.path("x.bin"), &x);
+    wait_object(&srv, "kv/undone/x.bin", &x, 30);
+    poll(
+        10,
+        || format!("x.bin tier: {}", tier(&m.path("x.bin"))),
+        || {
+            (tier(&m.path("x.bin")) == "host,nvme,s3" || tier(&m.path("x.bin")) == "nvme,s3")
+                .then_some(())
+        },
+    );
+    let (uid, gid, _) = owner_of(&m.path("x.bin")).unwrap();
+    srv.stop();
+    fs::set_permissions(m.path("x.bin"), fs::Permissions::from_mode(0o600)).unwrap();
+    if let Some(status) = m.stop() {
+        assert!(status.success(), "kvfs exited with {status}");
+    }
+    srv.start_again();
+    assert_ne!(
+        owner_meta(&srv, "kv/undone/x.bin"),
+        Some(format!("{uid}:{gid}:600"))
+    );
+    m.restart(&refs(&args(&srv, "kv/undone", &extra)));
+    poll(
+        30,
+        || format!("owner never reached the object: {}", m.status()),
+        || (owner_meta(&srv, "kv/undone/x.bin") == Some(format!("{uid}:{gid}:600"))).then_some(()),
+    );
+    assert_eq!(owner_of(&m.path("x.bin")), Some((uid, gid, 0o600)));
+    // Rewritten in place: nothing uploaded again.
+    assert_eq!(
+        m.metric("kvfs_tier_io_bytes_total{tier=\"s3\",op=\"put\"}"),
+        0.0
+    );
+    wait_object(&srv, "kv/undone/x.bin", &x, 5);
+}
+
 // 4. readdir merges local names with the bucket's; a damaged object is
 // never data.
 #[test]

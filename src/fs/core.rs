@@ -509,6 +509,7 @@ impl Kvfs {
         let owner_changed = set.mode.is_some() || set.uid.is_some() || set.gid.is_some();
         if owner_changed && !is_dir {
             self.record_owner(&ns, ino);
+            self.record_s3_owner(&ns, ino);
         }
         let node = ns.get_mut(ino)?;
         if set.atime.is_some() || set.mtime.is_some() {

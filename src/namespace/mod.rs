@@ -125,6 +125,10 @@ pub struct RemoteCopy {
     pub checked: std::time::Instant,
     /// False while a queued rename has not reached S3 yet.
     pub settled: bool,
+    /// A HEAD (or this node's upload) told the object's owner, or that it
+    /// has none; false for a file only a listing found, whose owner is the
+    /// mount's until its first lookup asks.
+    pub headed: bool,
 }
 
 impl Inode {

@@ -27,6 +27,36 @@ pub enum StoreError {
     },
 }
 
+/// A file's owner and permission bits, kept with its copy in a lower tier
+/// so that another mount gives them back: `uid:gid:mode`, mode in octal.
+/// The NVMe tier keeps it in the `user.kvfs.owner` xattr, the S3 tier in
+/// the object's `kvfs-owner` metadata; one format, parsed in one place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileOwner {
+    pub uid: u32,
+    pub gid: u32,
+    pub perm: u16,
+}
+
+impl FileOwner {
+    pub(crate) fn encode(&self) -> String {
+        format!("{}:{}:{:o}", self.uid, self.gid, self.perm & 0o7777)
+    }
+
+    /// `None` for anything but exactly `uid:gid:mode`: a value written by
+    /// another tool or damaged is ignored, never trusted in part.
+    pub(crate) fn decode(x: &[u8]) -> Option<FileOwner> {
+        let s = std::str::from_utf8(x).ok()?;
+        let mut it = s.split(':');
+        let owner = FileOwner {
+            uid: it.next()?.parse().ok()?,
+            gid: it.next()?.parse().ok()?,
+            perm: u16::from_str_radix(it.next()?, 8).ok()? & 0o7777,
+        };
+        it.next().is_none().then_some(owner)
+    }
+}
+
 impl StoreError {
     pub(crate) fn io(op: &'static str) -> impl FnOnce(std::io::Error) -> StoreError {
         move |source| StoreError::Io { op, source }
@@ -99,4 +129,46 @@ pub(crate) fn pwrite_all(fd: RawFd, buf: &[u8], off: u64) -> io::Result<()> {
         done += n as usize;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FileOwner;
+
+    #[test]
+    fn owners_round_trip_and_malformed_ones_are_none() {
+        let o = FileOwner {
+            uid: u32::MAX,
+            gid: 7,
+            perm: 0o4755,
+        };
+        assert_eq!(o.encode(), "4294967295:7:4755");
+        assert_eq!(FileOwner::decode(o.encode().as_bytes()), Some(o));
+        let bad: [&[u8]; 11] = [
+            b"",
+            b"1:2",
+            b"1:2:9",
+            b"a:2:644",
+            b"1:2:644:5",
+            b"1:2:-1",
+            b"-1:2:644",
+            b"4294967296:0:644",
+            b"1:2:",
+            b" 1:2:644",
+            b"1:2:\xff",
+        ];
+        for bad in bad {
+            assert_eq!(
+                FileOwner::decode(bad),
+                None,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        // Bits above the mode are masked, as chmod would.
+        assert_eq!(
+            FileOwner::decode(b"0:0:177777").map(|o| o.perm),
+            Some(0o7777)
+        );
+    }
 }

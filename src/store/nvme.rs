@@ -94,32 +94,9 @@ pub struct Recovered {
     pub owner: Option<FileOwner>,
 }
 
-/// A file's owner and permission bits, kept beside its copy
-/// (`user.kvfs.owner` = `uid:gid:mode`, mode in octal) so a remount gives
-/// them back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FileOwner {
-    pub uid: u32,
-    pub gid: u32,
-    pub perm: u16,
-}
-
-impl FileOwner {
-    fn encode(&self) -> String {
-        format!("{}:{}:{:o}", self.uid, self.gid, self.perm & 0o7777)
-    }
-
-    fn decode(x: &[u8]) -> Option<FileOwner> {
-        let s = std::str::from_utf8(x).ok()?;
-        let mut it = s.split(':');
-        let owner = FileOwner {
-            uid: it.next()?.parse().ok()?,
-            gid: it.next()?.parse().ok()?,
-            perm: u16::from_str_radix(it.next()?, 8).ok()? & 0o7777,
-        };
-        it.next().is_none().then_some(owner)
-    }
-}
+/// A file's owner and mode, kept beside its copy in `user.kvfs.owner` so a
+/// remount gives them back; the S3 tier stores the same format.
+pub use super::FileOwner;
 
 /// What did not match when a copy was read back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

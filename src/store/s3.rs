@@ -10,6 +10,11 @@
 //! metadata (`x-amz-meta-kvfs-crc32c`), and every request body carries an
 //! `x-amz-checksum-crc32c` the server verifies. Reads verify the whole file
 //! against the metadata before anyone sees it: never wrong bytes.
+//!
+//! Ownership: every object carries its file's owner and mode
+//! (`x-amz-meta-kvfs-owner` = `uid:gid:mode`, the NVMe tier's format), so
+//! another node or a later mount shows the file as it was; a chmod or chown
+//! after the upload rewrites it in place (CopyObject onto itself).
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Arc;
@@ -22,13 +27,16 @@ use aws_sdk_s3::error::DisplayErrorContext;
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::operation::list_objects_v2::{ListObjectsV2Error, ListObjectsV2Output};
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart};
+use aws_sdk_s3::types::{
+    ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, MetadataDirective,
+};
 
-use super::{pread_full, pwrite_all};
+use super::{FileOwner, pread_full, pwrite_all};
 
 /// Metadata keys (sent as `x-amz-meta-*`).
 const META_CRC: &str = "kvfs-crc32c";
 const META_MTIME: &str = "kvfs-mtime-ns";
+const META_OWNER: &str = "kvfs-owner";
 
 /// How a mount reaches its bucket.
 #[derive(Debug, Clone)]
@@ -117,6 +125,9 @@ type Result<T> = std::result::Result<T, S3Error>;
 pub struct ObjectInfo {
     pub size: u64,
     pub mtime: SystemTime,
+    /// From the `kvfs-owner` metadata, which only a HEAD brings (never a
+    /// LIST); `None` where it is absent or malformed.
+    pub owner: Option<FileOwner>,
 }
 
 /// What a name is in the bucket.
@@ -181,6 +192,11 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Objects up to this size are uploaded with one PUT.
 const SINGLE_PUT_MAX: u64 = 64 << 20;
+/// The largest object one CopyObject may copy (S3's limit).
+const COPY_MAX: u64 = 5 << 30;
+/// A metadata rewrite whose object keeps changing under it gives up after
+/// this many tries (each one HEAD and one conditional copy).
+const OWNER_TRIES: usize = 3;
 /// Lookups (HEAD, small LIST) give up sooner: the caller is a stat.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
 /// Pages of names that sort between `key` and `key/` a lookup reads at
@@ -207,14 +223,33 @@ fn smithy_time(t: Option<&aws_sdk_s3::primitives::DateTime>) -> SystemTime {
         .unwrap_or(UNIX_EPOCH)
 }
 
-/// Size and time of an object from its HEAD (the time kvfs stored, else
-/// the server's).
-fn object_info(out: &aws_sdk_s3::operation::head_object::HeadObjectOutput) -> ObjectInfo {
+/// The owner in an object's metadata. Absent (an object another tool
+/// wrote, or one from before kvfs stored owners) or malformed is `None`:
+/// the caller keeps its default, and a lookup never fails for it.
+fn owner_of(
+    meta: Option<&std::collections::HashMap<String, String>>,
+    key: &str,
+) -> Option<FileOwner> {
+    let value = meta?.get(META_OWNER)?;
+    let owner = FileOwner::decode(value.as_bytes());
+    if owner.is_none() {
+        tracing::debug!(key, value = %value, "malformed kvfs-owner metadata ignored");
+    }
+    owner
+}
+
+/// Size, time and owner of an object from its HEAD (the time kvfs stored,
+/// else the server's).
+fn object_info(
+    out: &aws_sdk_s3::operation::head_object::HeadObjectOutput,
+    key: &str,
+) -> ObjectInfo {
     let mtime = parse_mtime(out.metadata().and_then(|m| m.get(META_MTIME)))
         .unwrap_or_else(|| smithy_time(out.last_modified()));
     ObjectInfo {
         size: out.content_length().unwrap_or(0).max(0) as u64,
         mtime,
+        owner: owner_of(out.metadata(), key),
     }
 }
 
@@ -395,14 +430,16 @@ impl S3Tier {
         }
     }
 
-    /// Uploads `len` bytes of `src` as `key`; returns their CRC32C. Single
-    /// PUT up to one part, multipart with parallel parts above.
+    /// Uploads `len` bytes of `src` as `key`, with the file's `mtime` and
+    /// `owner` in the metadata; returns their CRC32C. Single PUT up to one
+    /// part, multipart with parallel parts above.
     pub fn put_from_fd(
         &self,
         key: &str,
         src: BorrowedFd<'_>,
         len: u64,
         mtime: SystemTime,
+        owner: FileOwner,
     ) -> Result<u32> {
         let full = self.full_key(key);
         let fd = src.as_raw_fd();
@@ -424,6 +461,7 @@ impl S3Tier {
                 .checksum_crc32_c(b64(crc))
                 .metadata(META_CRC, format!("{crc:08x}"))
                 .metadata(META_MTIME, nanos(mtime).to_string())
+                .metadata(META_OWNER, owner.encode())
                 .body(ByteStream::from(buf))
                 .send();
             self.rt
@@ -432,7 +470,7 @@ impl S3Tier {
             crc
         } else {
             self.rt
-                .block_on(self.multipart(key, &full, fd, len, mtime))?
+                .block_on(self.multipart(key, &full, fd, len, mtime, owner))?
         };
         self.ok();
         self.counters.put_bytes.fetch_add(len, Ordering::Relaxed);
@@ -448,6 +486,7 @@ impl S3Tier {
         fd: i32,
         len: u64,
         mtime: SystemTime,
+        owner: FileOwner,
     ) -> Result<u32> {
         let parts = len.div_ceil(self.part_size);
         let mut whole = 0u32;
@@ -470,6 +509,7 @@ impl S3Tier {
             .checksum_algorithm(ChecksumAlgorithm::Crc32C)
             .metadata(META_CRC, format!("{whole:08x}"))
             .metadata(META_MTIME, nanos(mtime).to_string())
+            .metadata(META_OWNER, owner.encode())
             .send()
             .await
             .map_err(|e| self.fail("create multipart upload", key, e))?;
@@ -564,7 +604,7 @@ impl S3Tier {
         Ok(done)
     }
 
-    /// Size and time of `key`, or `None` if there is no such object.
+    /// Size, time and owner of `key`, or `None` if there is no such object.
     pub fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
         let full = self.full_key(key);
         let req = self
@@ -580,7 +620,7 @@ impl S3Tier {
             Err(_) => Err(self.lookup_timed_out("head", key)),
             Ok(Ok(out)) => {
                 self.ok();
-                Ok(Some(object_info(&out)))
+                Ok(Some(object_info(&out, key)))
             }
             Ok(Err(e)) => match self.fail("head", key, e) {
                 S3Error::NotFound(_) => {
@@ -639,7 +679,7 @@ impl S3Tier {
             Named::File => match head {
                 Some(Ok(out)) => {
                     self.ok();
-                    Ok(Some(Found::File(object_info(&out))))
+                    Ok(Some(Found::File(object_info(&out, key))))
                 }
                 Some(Err(e)) => match self.fail("head", key, e) {
                     // Deleted between the LIST and the HEAD.
@@ -889,6 +929,73 @@ impl S3Tier {
         self.delete(from)
     }
 
+    /// Sets `key`'s `kvfs-owner` metadata to `owner` (after a chmod or
+    /// chown of a file already uploaded): a CopyObject of the key onto
+    /// itself with MetadataDirective REPLACE, which S3 and s3s-fs do
+    /// without moving the bytes. REPLACE drops what it is not sent, so the
+    /// other metadata (`kvfs-crc32c`, `kvfs-mtime-ns`, anything another
+    /// tool set) is read first with a HEAD and sent back; the copy is
+    /// conditional on the ETag that HEAD saw, so an object another node
+    /// replaced meanwhile never gets the old object's checksum (it is
+    /// looked at again instead). Nothing is sent when the object already
+    /// says `owner`. `Ok(false)`: left as it is, the object being above
+    /// what one CopyObject may copy. A missing object is `NotFound`.
+    pub fn set_owner(&self, key: &str, owner: FileOwner) -> Result<bool> {
+        let full = self.full_key(key);
+        let value = owner.encode();
+        for _ in 0..OWNER_TRIES {
+            let head = self
+                .client
+                .head_object()
+                .bucket(&self.bucket)
+                .key(&full)
+                .send();
+            let head = self
+                .rt
+                .block_on(head)
+                .map_err(|e| self.fail("head", key, e))?;
+            self.ok();
+            let mut meta = head.metadata().cloned().unwrap_or_default();
+            if meta.get(META_OWNER) == Some(&value) {
+                return Ok(true);
+            }
+            if head.content_length().unwrap_or(0).max(0) as u64 > COPY_MAX {
+                return Ok(false);
+            }
+            meta.insert(META_OWNER.to_string(), value.clone());
+            let copy = self
+                .client
+                .copy_object()
+                .bucket(&self.bucket)
+                .key(&full)
+                .copy_source(format!("{}/{}", self.bucket, urlencode_path(&full)))
+                .metadata_directive(MetadataDirective::Replace)
+                .set_metadata(Some(meta))
+                .set_content_type(head.content_type().map(str::to_string))
+                .checksum_algorithm(ChecksumAlgorithm::Crc32C)
+                .set_copy_source_if_match(head.e_tag().map(str::to_string))
+                .send();
+            match self.rt.block_on(copy) {
+                Ok(_) => {
+                    self.ok();
+                    return Ok(true);
+                }
+                // Replaced since the HEAD: look again.
+                Err(e) if status_of(&e) == Some(412) => {
+                    self.set_healthy(true);
+                    tracing::debug!(key, "object changed during an owner update; again");
+                }
+                Err(e) => return Err(self.fail("copy", key, e)),
+            }
+        }
+        Err(S3Error::Service {
+            op: "copy",
+            key: key.to_string(),
+            message: format!("the object changed during each of {OWNER_TRIES} owner updates"),
+            answered: true,
+        })
+    }
+
     /// Every object under the prefix, recursively: (key relative to the
     /// prefix, size, LastModified). For the cleanup sweep.
     pub fn list_all(&self) -> Result<Vec<(String, u64, SystemTime)>> {
@@ -939,6 +1046,8 @@ impl S3Tier {
                     ObjectInfo {
                         size: o.size().unwrap_or(0).max(0) as u64,
                         mtime: smithy_time(o.last_modified()),
+                        // LIST carries no user metadata.
+                        owner: None,
                     },
                 ));
             }
@@ -1045,6 +1154,32 @@ mod tests {
         let crc = crc32c::crc32c(b"123456789");
         assert_eq!(crc, 0xe306_9283);
         assert_eq!(b64(crc), "4waSgw==");
+    }
+
+    #[test]
+    fn owner_metadata_absent_or_malformed_is_none() {
+        let meta =
+            |v: &str| std::collections::HashMap::from([(META_OWNER.to_string(), v.to_string())]);
+        assert_eq!(
+            owner_of(Some(&meta("1000:100:640")), "k"),
+            Some(FileOwner {
+                uid: 1000,
+                gid: 100,
+                perm: 0o640
+            })
+        );
+        assert_eq!(owner_of(None, "k"), None);
+        assert_eq!(owner_of(Some(&Default::default()), "k"), None);
+        for bad in [
+            "",
+            "1000",
+            "1000:100",
+            "x:100:640",
+            "1000:100:648",
+            "1000:100:640:1",
+        ] {
+            assert_eq!(owner_of(Some(&meta(bad)), "k"), None, "{bad}");
+        }
     }
 
     #[test]

@@ -11,6 +11,12 @@
 //! S3 does not answer goes back to the head of the queue and is retried
 //! with exponential backoff; nothing queued is dropped, and local reads and
 //! writes go on.
+//!
+//! Owners: an object carries its file's owner and mode. A file found by a
+//! HEAD takes them from it; one found by a listing (which has no metadata)
+//! is HEADed at its first lookup. A chmod or chown of a file already in S3
+//! queues a job that rewrites the object's metadata, ordered with the
+//! other jobs on the file.
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::{OsStr, OsString};
@@ -22,6 +28,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use super::{FsError, Kvfs, Result, io_err, lock};
 use crate::namespace::{Ino, Namespace, NodeKind, NsError, Owner, RemoteCopy};
+use crate::store::FileOwner;
 use crate::store::host::SetTime;
 use crate::store::s3::{Found, ObjectInfo, S3Error, S3Tier};
 
@@ -42,6 +49,11 @@ enum Job {
         ino: Ino,
         from: String,
         to: String,
+    },
+    /// Make the file's object carry the file's owner and mode as they are
+    /// when the job runs (after a chmod or chown).
+    SetOwner {
+        ino: Ino,
     },
 }
 
@@ -84,6 +96,12 @@ struct Queue {
     /// backoff for all threads, or they would take turns hammering it).
     paused_until: Option<Instant>,
     backoff: Duration,
+    /// Owner jobs queued or running, per file: while one is, the object's
+    /// owner is older than the file's, and a lookup must not take it.
+    owner_jobs: HashMap<Ino, u32>,
+    /// Bumped whenever an owner job is queued or ends, so that a lookup
+    /// can tell that none did while its HEAD travelled.
+    owner_epoch: u64,
 }
 
 /// The file and keys a job touches; two jobs that share one must not run
@@ -96,6 +114,8 @@ struct Claim {
     /// Keys whose object this running job may make appear or vanish (an
     /// upload's, a delete's, a move's source).
     in_flux: Option<String>,
+    /// An owner job (counted in `Queue::owner_jobs` until it ends).
+    sets_owner: bool,
 }
 
 impl Claim {
@@ -136,6 +156,23 @@ fn s3_err(e: S3Error) -> FsError {
             op: "s3",
             source: std::io::Error::other(e.to_string()),
         },
+    }
+}
+
+fn owner_from(o: FileOwner) -> Owner {
+    Owner {
+        uid: o.uid,
+        gid: o.gid,
+        perm: o.perm,
+    }
+}
+
+/// A file's owner and mode as the tiers store them.
+fn file_owner(node: &crate::namespace::Inode) -> FileOwner {
+    FileOwner {
+        uid: node.uid,
+        gid: node.gid,
+        perm: node.perm,
     }
 }
 
@@ -300,8 +337,34 @@ impl Kvfs {
 
     fn push_job(&self, job: Job) {
         let Some(remote) = &self.remote else { return };
-        lock(&remote.jobs).pending.push_back((job, 0));
+        let mut q = lock(&remote.jobs);
+        if let Job::SetOwner { ino } = job {
+            *q.owner_jobs.entry(ino).or_default() += 1;
+            q.owner_epoch += 1;
+        }
+        q.pending.push_back((job, 0));
+        drop(q);
         remote.wake.notify_all();
+    }
+
+    /// After a chmod or chown: the file's object must follow. A file not in
+    /// S3 yet needs nothing (its upload sends the owner it has then), but
+    /// one being sent right now may have read the old owner: the job,
+    /// queued behind that upload, looks. One queued job is enough, as it
+    /// reads the owner when it runs.
+    pub(super) fn record_s3_owner(&self, ns: &Namespace, ino: Ino) {
+        let Some(remote) = &self.remote else { return };
+        let Ok(node) = ns.get(ino) else { return };
+        if node.lower.s3.is_none() && !node.lower.uploading {
+            return;
+        }
+        let queued = lock(&remote.jobs)
+            .pending
+            .iter()
+            .any(|(job, _)| matches!(job, Job::SetOwner { ino: i } if *i == ino));
+        if !queued {
+            self.push_job(Job::SetOwner { ino });
+        }
     }
 
     /// Queues the upload of a sealed file; with `wait`, returns a receiver
@@ -483,10 +546,14 @@ impl Kvfs {
                     SystemTime::now(),
                 )?))
             }
-            Some(Ok(info)) => Ok(Some(self.insert_remote(&mut ns, parent, name, &key, info)?)),
+            Some(Ok(info)) => Ok(Some(
+                self.insert_remote(&mut ns, parent, name, &key, info, true)?,
+            )),
         }
     }
 
+    /// Owner and mode of a file S3 has without saying whose it is: the
+    /// mount's owner, 0644.
     pub(super) fn found_owner(&self, ns: &Namespace) -> Owner {
         let root = ns.get(crate::namespace::ROOT_INO);
         Owner {
@@ -496,6 +563,8 @@ impl Kvfs {
         }
     }
 
+    /// Adds a file S3 has; `headed`: `info` comes from a HEAD, so its owner
+    /// (or the lack of one) is the object's, not a listing's blank.
     fn insert_remote(
         &self,
         ns: &mut Namespace,
@@ -503,9 +572,15 @@ impl Kvfs {
         name: &OsStr,
         key: &str,
         info: ObjectInfo,
+        headed: bool,
     ) -> Result<Ino> {
         tracing::debug!(key, "found in s3");
-        let owner = self.found_owner(ns);
+        // No owner in the metadata (another tool's object, or a malformed
+        // value): the mount's default, never a failed lookup.
+        let owner = info
+            .owner
+            .map(owner_from)
+            .unwrap_or_else(|| self.found_owner(ns));
         let ino = ns.insert_found(parent, name, owner, info.mtime)?;
         ns.get_mut(ino)?.lower.s3 = Some(RemoteCopy {
             key: key.to_string(),
@@ -513,13 +588,18 @@ impl Kvfs {
             mtime: info.mtime,
             checked: Instant::now(),
             settled: true,
+            headed,
         });
         Ok(ino)
     }
 
-    /// A file whose object S3 confirmed more than a TTL ago: ask again, so
-    /// an unlink on another node shows here. Only a clear "no such object"
-    /// drops it; an outage keeps it. Called without the namespace lock.
+    /// A file whose object S3 confirmed more than a TTL ago, or that a
+    /// listing found (which brings no owner): ask again (HEAD), so an
+    /// unlink on another node shows here, and the object's owner and mode
+    /// (set at upload, changed by a chmod anywhere) show on the file. Only
+    /// a clear "no such object" drops it; an outage keeps it (and the owner
+    /// it has: the next HEAD, after the TTL, brings the object's). Called
+    /// without the namespace lock.
     pub(super) fn revalidate(&self, ino: Ino) {
         let Some(remote) = &self.remote else { return };
         let key = {
@@ -527,14 +607,19 @@ impl Kvfs {
             let Ok(node) = ns.get(ino) else { return };
             match (&node.lower.s3, &node.kind) {
                 (Some(c), NodeKind::File { writers: 0, .. })
-                    if c.settled && c.checked.elapsed() >= remote.ttl && !node.lower.uploading =>
+                    if c.settled
+                        && (c.checked.elapsed() >= remote.ttl || !c.headed)
+                        && !node.lower.uploading =>
                 {
                     c.key.clone()
                 }
                 _ => return,
             }
         };
-        let gone = matches!(remote.tier.head(&key), Ok(None));
+        let epoch = lock(&remote.jobs).owner_epoch;
+        let answer = remote.tier.head(&key);
+        let gone = matches!(answer, Ok(None));
+        let owner = answer.ok().flatten().and_then(|info| info.owner);
         let mut ns = self.ns();
         let Ok(node) = ns.get_mut(ino) else { return };
         let Some(copy) = node.lower.s3.as_mut() else {
@@ -545,6 +630,25 @@ impl Kvfs {
         }
         if !gone {
             copy.checked = Instant::now();
+            copy.headed = true;
+            // Not while this node's own chmod is on its way to the object
+            // (or was queued or landed while the HEAD travelled): the HEAD
+            // may show the owner from before it.
+            let mine_pending = {
+                let q = lock(&remote.jobs);
+                q.owner_epoch != epoch || q.owner_jobs.contains_key(&ino)
+            };
+            if let Some(o) = owner
+                && !mine_pending
+                && (node.uid, node.gid, node.perm) != (o.uid, o.gid, o.perm)
+            {
+                tracing::debug!(ino, key = %key, owner = %o.encode(), "owner from the object");
+                node.uid = o.uid;
+                node.gid = o.gid;
+                node.perm = o.perm;
+                node.ctime = SystemTime::now();
+                self.record_owner(&ns, ino);
+            }
             return;
         }
         tracing::debug!(ino, key = %key, "object deleted elsewhere; dropping the file");
@@ -608,7 +712,8 @@ impl Kvfs {
                 if leaving.contains(&key) {
                     continue;
                 }
-                let _ = self.insert_remote(&mut ns, dir, name.as_ref(), &key, info);
+                // Its owner comes with the HEAD of its first lookup.
+                let _ = self.insert_remote(&mut ns, dir, name.as_ref(), &key, info, false);
             }
         }
     }
@@ -723,6 +828,7 @@ impl Kvfs {
             Job::Upload { ino, .. } => tracing::debug!(ino, "s3 job: upload"),
             Job::Delete { key } => tracing::debug!(key, "s3 job: delete"),
             Job::Move { ino, from, to } => tracing::debug!(ino, from, to, "s3 job: move"),
+            Job::SetOwner { ino } => tracing::debug!(ino, "s3 job: set owner"),
         }
         match job {
             Job::Delete { key } => {
@@ -763,6 +869,44 @@ impl Kvfs {
             Job::Upload { ino, adopt, done } => {
                 self.upload(*ino, *adopt, done.is_some(), claim.keys.first())
             }
+            Job::SetOwner { ino } => self.set_s3_owner(*ino),
+        }
+    }
+
+    /// Rewrites the owner in a file's object to the file's owner now.
+    fn set_s3_owner(&self, ino: Ino) -> std::result::Result<(), S3Error> {
+        let (key, owner) = {
+            let ns = self.ns();
+            let Ok(node) = ns.get(ino) else {
+                return Ok(()); // forgotten
+            };
+            // Not in S3 (an upload failed, or it was dropped): the next
+            // upload sends the owner.
+            let Some(copy) = &node.lower.s3 else {
+                return Ok(());
+            };
+            if !copy.settled {
+                // A rename queued after this job has not reached S3: the
+                // object is still at the old key, which the move copies
+                // with its metadata as it is. Once more, behind the move.
+                drop(ns);
+                self.push_job(Job::SetOwner { ino });
+                return Ok(());
+            }
+            (copy.key.clone(), file_owner(node))
+        };
+        match self.remote_tier()?.set_owner(&key, owner) {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                tracing::warn!(
+                    key,
+                    "object too large to copy: its owner in S3 stays as uploaded"
+                );
+                Ok(())
+            }
+            // Deleted elsewhere: a lookup finds that out; nothing to set.
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(e),
         }
     }
 
@@ -841,7 +985,7 @@ impl Kvfs {
             Host(Arc<crate::store::HostFile>),
             Nvme(std::path::PathBuf),
         }
-        let (key, version, source) = {
+        let (key, version, source, owner) = {
             let mut ns = self.ns();
             if ns.path_of(ino).is_none() {
                 return Ok(()); // unlinked meanwhile
@@ -886,7 +1030,9 @@ impl Kvfs {
             if let Some(remote) = &self.remote {
                 lock(&remote.sending).insert(key.clone());
             }
-            (key, node.lower.version, source)
+            // Read with `uploading` set, under the same lock: a chmod from
+            // now on queues an owner job behind this upload.
+            (key, node.lower.version, source, file_owner(node))
         };
         // Until this returns (after any delete of the key is queued).
         struct Sending<'a>(&'a Remote, String);
@@ -931,19 +1077,21 @@ impl Kvfs {
                 && info.size == len
                 && info.mtime == mtime
             {
-                return Ok((len, mtime));
+                // Already there; an owner changed since (a chmod whose job
+                // the last unmount left undone) is rewritten, not re-sent.
+                return Ok((len, mtime, info.owner == Some(owner)));
             }
             if let Some(remote) = &self.remote {
                 remote.backlog_bytes.fetch_add(len, Ordering::Relaxed);
             }
             let started = Instant::now();
-            let res = tier.put_from_fd(&key, fd, len, mtime);
+            let res = tier.put_from_fd(&key, fd, len, mtime, owner);
             self.metrics
                 .tier_io("s3", "put", started, res.as_ref().ok().map(|_| len));
             if let Some(remote) = &self.remote {
                 remote.backlog_bytes.fetch_sub(len, Ordering::Relaxed);
             }
-            res.map(|_| (len, mtime))
+            res.map(|_| (len, mtime, true))
         })();
         let mut ns = self.ns();
         let Ok(node) = ns.get_mut(ino) else {
@@ -953,7 +1101,7 @@ impl Kvfs {
             return Ok(());
         };
         node.lower.uploading = false;
-        let (len, mtime) = match sent {
+        let (len, mtime, owner_sent) = match sent {
             Ok(v) => v,
             Err(e @ S3Error::Io { .. }) => {
                 // The local source vanished (evicted meanwhile): nothing to send.
@@ -978,10 +1126,14 @@ impl Kvfs {
             mtime,
             checked: Instant::now(),
             settled: true,
+            headed: true,
         });
         node.lower.s3_stale = false;
         if let Some(remote) = &self.remote {
             remote.uploaded.fetch_add(1, Ordering::Relaxed);
+        }
+        if !owner_sent {
+            self.push_job(Job::SetOwner { ino });
         }
         // Renamed while sending: move the object after it.
         if let Some(now) = current
@@ -1011,6 +1163,15 @@ impl Kvfs {
             ),
             Job::Delete { key } => (None, vec![key.clone()]),
             Job::Move { ino, from, to } => (Some(*ino), vec![from.clone(), to.clone()]),
+            // The key its object has now (a delete of it waits).
+            Job::SetOwner { ino } => (
+                Some(*ino),
+                ns.get(*ino)
+                    .ok()
+                    .and_then(|n| n.lower.s3.as_ref())
+                    .map(|c| vec![c.key.clone()])
+                    .unwrap_or_default(),
+            ),
         };
         Claim {
             id: 0,
@@ -1020,6 +1181,7 @@ impl Kvfs {
                 _ => Self::removed_key(job).map(str::to_string),
             },
             keys,
+            sets_owner: matches!(job, Job::SetOwner { .. }),
         }
     }
 
@@ -1027,7 +1189,7 @@ impl Kvfs {
         match job {
             Job::Delete { key } => Some(key),
             Job::Move { from, .. } => Some(from),
-            Job::Upload { .. } => None,
+            Job::Upload { .. } | Job::SetOwner { .. } => None,
         }
     }
 
@@ -1092,7 +1254,23 @@ impl Kvfs {
     /// for the next backoff step.
     fn finish_job(&self, remote: &Remote, id: u64, retry: Option<(Job, u32)>) {
         let mut q = lock(&remote.jobs);
+        let owner_of = q
+            .running
+            .iter()
+            .find(|c| c.id == id && c.sets_owner)
+            .and_then(|c| c.ino);
         q.running.retain(|c| c.id != id);
+        if let Some(ino) = owner_of
+            && retry.is_none()
+        {
+            q.owner_epoch += 1;
+            if let Some(n) = q.owner_jobs.get_mut(&ino) {
+                *n -= 1;
+                if *n == 0 {
+                    q.owner_jobs.remove(&ino);
+                }
+            }
+        }
         match retry {
             Some(job) => {
                 q.pending.push_front(job);
@@ -1205,7 +1383,7 @@ fn upload_loop(core: Weak<Kvfs>) {
                             });
                         }
                     }
-                    Job::Delete { .. } => {}
+                    Job::Delete { .. } | Job::SetOwner { .. } => {}
                 }
             }
             Err(e) => {
