@@ -856,6 +856,58 @@ fn error_line(err: &str) -> String {
     lines[0].to_string()
 }
 
+/// Name and nice value of every thread of `pid`, from /proc.
+fn thread_nices(pid: u32) -> Vec<(String, i64)> {
+    let mut out = Vec::new();
+    for t in fs::read_dir(format!("/proc/{pid}/task")).expect("task dir") {
+        let dir = t.expect("task entry").path();
+        let (Ok(comm), Ok(stat)) = (
+            fs::read_to_string(dir.join("comm")),
+            fs::read_to_string(dir.join("stat")),
+        ) else {
+            continue; // the thread ended meanwhile
+        };
+        // Fields after the command's closing parenthesis: state is field
+        // 3 of stat(5), nice field 19.
+        let rest = stat.rsplit_once(')').expect("stat format").1;
+        let nice = rest.split_whitespace().nth(16).expect("nice field");
+        out.push((comm.trim().to_string(), nice.parse().expect("nice value")));
+    }
+    out
+}
+
+// Uploads are background work: their threads give the CPU to the writers
+// (nice 10), the daemon's other threads keep the normal priority.
+#[test]
+fn uploader_threads_run_below_the_writers_priority() {
+    let srv = S3Server::start();
+    let m = mount(&srv, "kv/nice", &["--s3-uploads", "3"]);
+    let pid = m.pid().expect("daemon pid");
+    let threads = poll(
+        10,
+        || format!("threads: {:?}", thread_nices(pid)),
+        || {
+            let t = thread_nices(pid);
+            (t.iter().filter(|(n, _)| n == "kvfs-upload").count() == 3).then_some(t)
+        },
+    );
+    for (name, nice) in &threads {
+        if name == "kvfs-upload" {
+            assert_eq!(*nice, 10, "uploader at nice {nice}: {threads:?}");
+        }
+    }
+    assert!(
+        threads
+            .iter()
+            .any(|(n, nice)| n != "kvfs-upload" && *nice == 0),
+        "no thread left at nice 0: {threads:?}"
+    );
+    // Still uploading, of course.
+    let data = block(7, 1 << 20);
+    store_llmd(&m.path("a.bin"), &data);
+    wait_object(&srv, "kv/nice/a.bin", &data, 30);
+}
+
 // 6. Settings that cannot work fail the mount quickly and say why.
 #[test]
 fn bad_settings_fail_the_mount_with_one_line() {

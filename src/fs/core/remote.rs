@@ -1329,7 +1329,25 @@ fn cleanup_loop(core: Weak<Kvfs>, cleanup: S3Cleanup) {
     }
 }
 
+/// Nice value of the uploader threads. Uploads are background work: the
+/// engine's writers storing blocks come first. On the GPU machine (server
+/// and clients on separate cores, 16 writer threads) the connector stored
+/// 9-24% faster in four A/B pairs with the uploaders at 10, and the drain
+/// moved by -4% to +5%.
+const UPLOAD_NICE: libc::c_int = 10;
+
+/// Lowers the calling thread's CPU priority (Linux nice values are per
+/// thread). Failure only costs the writers some CPU: logged, not fatal.
+fn lower_this_threads_priority(nice: libc::c_int) {
+    // SAFETY: plain syscalls about the calling thread; no memory is shared.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
+    if r != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), nice, "could not lower the thread's priority");
+    }
+}
+
 fn upload_loop(core: Weak<Kvfs>) {
+    lower_this_threads_priority(UPLOAD_NICE);
     loop {
         let Some(k) = core.upgrade() else { return };
         let Some(remote) = &k.remote else { return };
