@@ -115,6 +115,10 @@ pub struct MountArgs {
     #[arg(long, env = "KVFS_S3_UPLOADS", value_name = "N")]
     pub s3_uploads: Option<String>,
 
+    /// SHA-256 of every uploaded body in its signature: auto (only over http; over https TLS protects the body and the server checks its CRC32C), on or off (default: auto).
+    #[arg(long, env = "KVFS_S3_PAYLOAD_SIGNING", value_name = "WHEN")]
+    pub s3_payload_signing: Option<String>,
+
     /// Serve Prometheus metrics over HTTP at this address, e.g. 127.0.0.1:9464 (default: off).
     #[arg(long, env = "KVFS_METRICS_ADDR", value_name = "ADDR")]
     pub metrics_addr: Option<String>,
@@ -204,6 +208,8 @@ pub struct S3Settings {
     pub capacity: Option<u64>,
     /// Files uploaded at once.
     pub uploads: usize,
+    /// Whether an upload's body is hashed into its signature.
+    pub sign_payload: bool,
 }
 
 /// Default of `--s3-uploads`. S3 answers each request slowly but takes
@@ -327,6 +333,8 @@ pub enum ConfigError {
         "invalid S3 upload count {value:?} for {origin}: expected a whole number between 1 and {MAX_S3_UPLOADS}"
     )]
     InvalidS3Uploads { value: String, origin: String },
+    #[error("invalid payload signing {value:?} for {origin} (expected auto, on or off)")]
+    InvalidPayloadSigning { value: String, origin: String },
     #[error("threads must be between {MIN_THREADS} and {MAX_THREADS}, got {got}")]
     ThreadsOutOfRange { got: i64 },
     #[error(
@@ -411,6 +419,7 @@ struct FileConfig {
     s3_expire_after: Option<String>,
     s3_capacity: Option<String>,
     s3_uploads: Option<i64>,
+    s3_payload_signing: Option<String>,
     log_level: Option<String>,
     log_format: Option<String>,
     data_path: Option<String>,
@@ -813,6 +822,13 @@ fn resolve_s3(
             .map(|f| (Some(n), n.to_string(), f.origin("s3_uploads"))),
         (None, None) => None,
     };
+    let signing = pick(
+        &args.s3_payload_signing,
+        "--s3-payload-signing",
+        file,
+        |v| &v.s3_payload_signing,
+        "s3_payload_signing",
+    );
     let path_style = args.s3_path_style || values.and_then(|v| v.s3_path_style).unwrap_or(false);
     let lazy = args.s3_lazy || values.and_then(|v| v.s3_lazy).unwrap_or(false);
     let Some((bucket, origin)) = bucket else {
@@ -824,6 +840,7 @@ fn resolve_s3(
             expire.map(|p| p.1),
             capacity.map(|p| p.1),
             uploads.as_ref().map(|u| u.2.clone()),
+            signing.map(|p| p.1),
         ]
         .into_iter()
         .flatten()
@@ -894,6 +911,22 @@ fn resolve_s3(
         }
         None => DEFAULT_S3_UPLOADS,
     };
+    // Without an endpoint the SDK talks to AWS over https.
+    let over_http = endpoint
+        .as_deref()
+        .is_some_and(|e| e.starts_with("http://"));
+    let sign_payload = match signing.map(|(v, o)| (v.trim().to_ascii_lowercase(), v, o)) {
+        None => over_http,
+        Some((v, _, _)) if v == "auto" => over_http,
+        Some((v, _, _)) if v == "on" => true,
+        Some((v, _, _)) if v == "off" => false,
+        Some((_, value, origin)) => {
+            return Err(ConfigError::InvalidPayloadSigning {
+                value: value.to_string(),
+                origin,
+            });
+        }
+    };
     Ok(Some(S3Settings {
         bucket: bucket.to_string(),
         prefix: prefix.map(|p| p.0.trim().to_string()).unwrap_or_default(),
@@ -905,6 +938,7 @@ fn resolve_s3(
         expire_after,
         capacity,
         uploads,
+        sign_payload,
     }))
 }
 
@@ -1533,6 +1567,48 @@ mod tests {
             ..args_for(dir.path())
         };
         assert_eq!(Config::resolve(&args).unwrap().threads, 256);
+    }
+
+    #[test]
+    fn s3_payload_signing_follows_the_scheme_unless_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let with = |endpoint: Option<&str>, signing: Option<&str>| MountArgs {
+            s3_bucket: Some("kv-cache".into()),
+            s3_endpoint: endpoint.map(String::from),
+            s3_payload_signing: signing.map(String::from),
+            ..args_for(dir.path())
+        };
+        let sign = |args: &MountArgs| Config::resolve(args).map(|c| c.s3.unwrap().sign_payload);
+        let http = Some("http://127.0.0.1:9000");
+        let https = Some("https://s3.example.com");
+        // auto: only where nothing else protects the body on the way.
+        assert!(sign(&with(http, None)).unwrap());
+        assert!(!sign(&with(https, None)).unwrap());
+        assert!(!sign(&with(None, None)).unwrap());
+        assert!(sign(&with(http, Some("auto"))).unwrap());
+        assert!(!sign(&with(https, Some("Auto"))).unwrap());
+        assert!(sign(&with(https, Some("on"))).unwrap());
+        assert!(!sign(&with(http, Some("off"))).unwrap());
+        assert_eq!(
+            sign(&with(http, Some("yes"))).unwrap_err().to_string(),
+            "invalid payload signing \"yes\" for --s3-payload-signing (expected auto, on or off)"
+        );
+        let args = MountArgs {
+            config: Some(write_config(
+                dir.path(),
+                "s3_bucket = \"kv-cache\"\ns3_endpoint = \"http://127.0.0.1:9000\"\ns3_payload_signing = \"off\"\n",
+            )),
+            ..args_for(dir.path())
+        };
+        assert!(!sign(&args).unwrap());
+        let args = MountArgs {
+            s3_payload_signing: Some("on".into()),
+            ..args_for(dir.path())
+        };
+        assert!(matches!(
+            Config::resolve(&args),
+            Err(ConfigError::S3WithoutBucket { .. })
+        ));
     }
 
     #[test]

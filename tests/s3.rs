@@ -908,6 +908,120 @@ fn uploader_threads_run_below_the_writers_priority() {
     wait_object(&srv, "kv/nice/a.bin", &data, 30);
 }
 
+/// A TCP proxy in front of the server that records the value of every
+/// `x-amz-content-sha256` header kvfs sends (plain http, so readable).
+struct HeaderTap {
+    port: u16,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl HeaderTap {
+    fn start(upstream: &str) -> HeaderTap {
+        use std::io::Read;
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind tap");
+        let port = listener.local_addr().expect("tap addr").port();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let upstream = upstream.trim_start_matches("http://").to_string();
+        let log = std::sync::Arc::clone(&seen);
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                let (mut c_in, mut s_out) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (mut s_in, mut c_out) = (server, client);
+                let log = std::sync::Arc::clone(&log);
+                std::thread::spawn(move || {
+                    // Headers may straddle reads: scan a sliding tail.
+                    let mut buf = vec![0u8; 1 << 16];
+                    let mut tail: Vec<u8> = Vec::new();
+                    while let Ok(n) = c_in.read(&mut buf) {
+                        if n == 0 || s_out.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        tail.extend_from_slice(&buf[..n]);
+                        let text = String::from_utf8_lossy(&tail).to_ascii_lowercase();
+                        let mut used = 0;
+                        let key = "\r\nx-amz-content-sha256:";
+                        while let Some(i) = text[used..].find(key) {
+                            let start = used + i + key.len();
+                            let Some(end) = text[start..].find("\r\n") else {
+                                break;
+                            };
+                            log.lock()
+                                .unwrap()
+                                .push(text[start..start + end].trim().to_string());
+                            used = start + end;
+                        }
+                        let keep = tail.len().saturating_sub(256).max(used.min(tail.len()));
+                        tail.drain(..keep);
+                    }
+                    let _ = s_out.shutdown(Shutdown::Write);
+                });
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut s_in, &mut c_out);
+                    let _ = c_out.shutdown(Shutdown::Write);
+                });
+            }
+        });
+        HeaderTap { port, seen }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn seen(&self) -> Vec<String> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// SHA-256 of the empty string: what a signed request without a body says.
+const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+// With payload signing off the bodies go up unsigned (UNSIGNED-PAYLOAD),
+// still checked by the server through their CRC32C; over http the default
+// (auto) signs them. Single PUT and multipart parts both.
+#[test]
+fn payload_signing_off_sends_unsigned_bodies_auto_signs_over_http() {
+    let srv = S3Server::start();
+    for (prefix, signing) in [("kv/unsigned", Some("off")), ("kv/signed", None)] {
+        let tap = HeaderTap::start(&srv.endpoint());
+        let mut a = args(&srv, prefix, &[]);
+        let at = a.iter().position(|x| x == "--s3-endpoint").unwrap();
+        a[at + 1] = tap.endpoint();
+        if let Some(v) = signing {
+            a.extend(["--s3-payload-signing".to_string(), v.to_string()]);
+        }
+        let m = KvfsMount::start_env(&refs(&a), &srv.env());
+        let small = block(11, 1 << 20);
+        // Above the single-PUT limit: parts.
+        let big = block(12, 72 << 20);
+        store_llmd(&m.path("small.bin"), &small);
+        store_llmd(&m.path("big.bin"), &big);
+        wait_object(&srv, &format!("{prefix}/small.bin"), &small, 30);
+        wait_object(&srv, &format!("{prefix}/big.bin"), &big, 60);
+        let seen = tap.seen();
+        let unsigned = seen.iter().filter(|v| *v == "unsigned-payload").count();
+        let hashed = seen
+            .iter()
+            .filter(|v| v.len() == 64 && *v != EMPTY_SHA256)
+            .count();
+        if signing == Some("off") {
+            // 1 PUT + 9 parts of 8 MiB.
+            assert!(unsigned >= 10, "{unsigned} unsigned bodies: {seen:?}");
+            // Only the CompleteMultipartUpload's small XML body is hashed.
+            assert!(hashed <= 1, "{hashed} bodies hashed: {seen:?}");
+        } else {
+            assert!(hashed >= 10, "{hashed} hashed bodies: {seen:?}");
+            assert_eq!(unsigned, 0, "a body went unsigned over http: {seen:?}");
+        }
+    }
+}
+
 // 6. Settings that cannot work fail the mount quickly and say why.
 #[test]
 fn bad_settings_fail_the_mount_with_one_line() {

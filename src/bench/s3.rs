@@ -6,7 +6,9 @@
 //! (`scripts/bench-s3`). Each object is one `PutObject` of the whole body and
 //! one `GetObject` of the whole body, received into a buffer of the object's
 //! size (the one copy any reader has to make). The SDK's defaults apply,
-//! including its request checksum on PUT.
+//! including its request checksum and payload signing on PUT
+//! (`--unsigned-payload` turns the signing off, as kvfs's
+//! `--s3-payload-signing off` does).
 //!
 //! Each phase prints one JSON line: `phase`, `objects`, `concurrency`,
 //! `bytes`, `seconds` (wall time from the first request to the last answer)
@@ -73,6 +75,10 @@ pub struct RawArgs {
     /// Virtual-hosted addressing instead of path style (http://host/bucket/key).
     #[arg(long)]
     pub virtual_host: bool,
+    /// PUT bodies without their SHA-256 in the signature (UNSIGNED-PAYLOAD),
+    /// as kvfs sends them with --s3-payload-signing off.
+    #[arg(long)]
+    pub unsigned_payload: bool,
 }
 
 /// One phase's result.
@@ -141,6 +147,7 @@ pub fn run(args: &RawArgs, out: &mut impl Write) -> Result<Vec<RawReport>, S3Ben
         bucket: args.bucket.clone(),
         prefix,
         size,
+        unsigned_payload: args.unsigned_payload,
     });
     let mut reports = Vec::new();
     let phases: &[&'static str] = match args.phase {
@@ -177,6 +184,7 @@ struct Bench {
     bucket: String,
     prefix: String,
     size: u64,
+    unsigned_payload: bool,
 }
 
 impl Bench {
@@ -191,18 +199,22 @@ impl Bench {
             key: key.clone(),
             message: "request body cannot be cloned".into(),
         })?;
-        self.client
+        let req = self
+            .client
             .put_object()
             .bucket(&self.bucket)
             .key(&key)
-            .body(ByteStream::new(body))
-            .send()
-            .await
-            .map_err(|e| S3BenchError::Request {
-                op: "put",
-                key: key.clone(),
-                message: aws_sdk_s3::error::DisplayErrorContext(e).to_string(),
-            })?;
+            .body(ByteStream::new(body));
+        let sent = if self.unsigned_payload {
+            req.customize().disable_payload_signing().send().await
+        } else {
+            req.send().await
+        };
+        sent.map_err(|e| S3BenchError::Request {
+            op: "put",
+            key: key.clone(),
+            message: aws_sdk_s3::error::DisplayErrorContext(e).to_string(),
+        })?;
         Ok(self.size)
     }
 

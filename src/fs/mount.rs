@@ -383,10 +383,16 @@ fn open_s3(s3: &crate::config::S3Settings) -> Result<S3Tier, MountError> {
     cfg.endpoint = s3.endpoint.clone();
     cfg.region = s3.region.clone();
     cfg.path_style = s3.path_style;
+    cfg.sign_payload = s3.sign_payload;
     let tier = S3Tier::connect(&cfg).map_err(MountError::S3)?;
     match tier.check() {
         Ok(()) => {
-            tracing::info!(bucket = %s3.bucket, prefix = %tier.prefix(), "S3 tier reachable");
+            tracing::info!(
+                bucket = %s3.bucket,
+                prefix = %tier.prefix(),
+                sign_payload = s3.sign_payload,
+                "S3 tier reachable"
+            );
         }
         Err(e) if s3.lazy => {
             tracing::warn!(error = %e, "S3 tier down at mount (--s3-lazy): mounting without it for now");
