@@ -882,6 +882,7 @@ fn thread_nices(pid: u32) -> Vec<(String, i64)> {
 fn uploader_threads_run_below_the_writers_priority() {
     let srv = S3Server::start();
     let m = mount(&srv, "kv/nice", &["--s3-uploads", "3"]);
+    assert_eq!(s3_status(&m)["uploads"], 3);
     let pid = m.pid().expect("daemon pid");
     let threads = poll(
         10,
@@ -997,6 +998,11 @@ fn payload_signing_off_sends_unsigned_bodies_auto_signs_over_http() {
             a.extend(["--s3-payload-signing".to_string(), v.to_string()]);
         }
         let m = KvfsMount::start_env(&refs(&a), &srv.env());
+        assert_eq!(
+            s3_status(&m)["payload_signing"],
+            serde_json::json!(signing != Some("off")),
+            "status says what the mount does"
+        );
         let small = block(11, 1 << 20);
         // Above the single-PUT limit: parts.
         let big = block(12, 72 << 20);

@@ -440,6 +440,11 @@ impl S3Tier {
         }
     }
 
+    /// Whether uploaded bodies are hashed into their requests' signature.
+    pub fn signs_payload(&self) -> bool {
+        self.sign_payload
+    }
+
     /// Uploads `len` bytes of `src` as `key`, with the file's `mtime` and
     /// `owner` in the metadata; returns their CRC32C. Single PUT up to one
     /// part, multipart with parallel parts above.

@@ -182,6 +182,10 @@ pub(super) struct S3Usage {
     bucket: String,
     prefix: String,
     healthy: bool,
+    /// Files uploaded at once (`--s3-uploads`).
+    uploads: usize,
+    /// Whether uploaded bodies are hashed into the signature.
+    payload_signing: bool,
     backlog_jobs: u64,
     backlog_bytes: u64,
     uploaded_files: u64,
@@ -789,6 +793,8 @@ impl Kvfs {
             bucket: remote.tier.bucket().to_string(),
             prefix: remote.tier.prefix().to_string(),
             healthy: remote.tier.healthy(),
+            uploads: remote.uploads,
+            payload_signing: remote.tier.signs_payload(),
             backlog_jobs: {
                 let q = lock(&remote.jobs);
                 (q.pending.len() + q.running.len()) as u64
