@@ -856,6 +856,29 @@ fn error_line(err: &str) -> String {
     lines[0].to_string()
 }
 
+// A clean unmount frees the host tier's memory with an S3 tier too: the
+// uploader threads must not keep the core (and its backing tmpfs) alive
+// past the daemon's exit. Found by hand: /dev/shm/kvfs-PID stayed mounted.
+#[test]
+fn unmount_frees_the_backing_files_with_an_s3_tier() {
+    let srv = S3Server::start();
+    let mut m = mount(&srv, "kv/free", &[]);
+    let data = block(21, 4 << 20);
+    store_llmd(&m.path("a.bin"), &data);
+    wait_object(&srv, "kv/free/a.bin", &data, 30);
+    let dir = std::path::PathBuf::from(format!("/dev/shm/kvfs-{}", m.pid().unwrap()));
+    assert!(dir.is_dir(), "backing dir {} missing", dir.display());
+    let status = m.stop().unwrap();
+    assert!(status.success(), "kvfs exited with {status}");
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(
+        !mounts.contains(&format!(" {} ", dir.display())),
+        "backing tmpfs still mounted at {}",
+        dir.display()
+    );
+    assert!(!dir.exists(), "backing files left in {}", dir.display());
+}
+
 /// Name and nice value of every thread of `pid`, from /proc.
 fn thread_nices(pid: u32) -> Vec<(String, i64)> {
     let mut out = Vec::new();

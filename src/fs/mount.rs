@@ -81,6 +81,7 @@ impl Mounted {
     pub fn wait(self) -> std::io::Result<()> {
         let res = self.session.join();
         drain(&self.core);
+        let_go(&self.core);
         res
     }
 
@@ -88,7 +89,32 @@ impl Mounted {
     pub fn unmount(self) -> std::io::Result<()> {
         let res = self.session.umount_and_join();
         drain(&self.core);
+        let_go(&self.core);
         res
+    }
+}
+
+/// After the drain: stops the background threads and waits (bounded) until
+/// none of them holds the core, so that dropping the mount drops the core
+/// and with it the host tier's backing directory. The process exits right
+/// after; a thread still holding the core then would leave the backing
+/// tmpfs, and the memory of every file in it, behind (found with an S3
+/// tier: an idle uploader holds the core while it waits for work). If one
+/// does not let go in time (an upload still in flight), the backing files
+/// are removed anyway: nothing can need them once the mount is gone.
+fn let_go(core: &Arc<Kvfs>) {
+    core.stop_uploader();
+    core.stop_flusher();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while Arc::strong_count(core) > 1 {
+        if std::time::Instant::now() > deadline {
+            let dir = core.host_backing_dir();
+            tracing::warn!(path = %dir.display(), "background work still running at exit: removing the backing files under it");
+            crate::store::host::unmount_backing(&dir);
+            let _ = std::fs::remove_dir_all(&dir);
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
 
