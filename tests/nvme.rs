@@ -160,7 +160,19 @@ fn a_damaged_copy_is_discarded_never_served() {
         "--nvme-dir",
         nvme.path().to_str().unwrap(),
     ];
+    let backing = std::path::PathBuf::from(format!("/dev/shm/kvfs-{}", m.pid().unwrap()));
+    assert!(
+        backing.is_dir(),
+        "backing dir {} missing",
+        backing.display()
+    );
     m.stop();
+    // A clean stop frees the host tier's memory with an NVMe tier too.
+    assert!(
+        !backing.exists(),
+        "backing files left in {}",
+        backing.display()
+    );
     // Flip one byte of the copy on disk, keeping its size.
     let copy = nvme.path().join("data/f");
     let mut bytes = fs::read(&copy).unwrap();
