@@ -56,8 +56,8 @@ pub struct S3Config {
     /// payload signing). Without it the body is still checked: its CRC32C
     /// travels in a signed header and the server verifies it; what is lost
     /// is protection against someone on the path who forges a body with
-    /// the same CRC, which TLS gives on https. The hash is most of an
-    /// upload's CPU: 48% of the daemon's time in a profile of a drain.
+    /// the same CRC, which TLS gives on https. The hash is about half of
+    /// an upload's CPU (48% of the daemon's time in a profile of a drain).
     pub sign_payload: bool,
 }
 
