@@ -915,17 +915,19 @@ fn resolve_s3(
     let over_http = endpoint
         .as_deref()
         .is_some_and(|e| e.starts_with("http://"));
-    let sign_payload = match signing.map(|(v, o)| (v.trim().to_ascii_lowercase(), v, o)) {
+    let sign_payload = match signing {
         None => over_http,
-        Some((v, _, _)) if v == "auto" => over_http,
-        Some((v, _, _)) if v == "on" => true,
-        Some((v, _, _)) if v == "off" => false,
-        Some((_, value, origin)) => {
-            return Err(ConfigError::InvalidPayloadSigning {
-                value: value.to_string(),
-                origin,
-            });
-        }
+        Some((value, origin)) => match value.trim().to_ascii_lowercase().as_str() {
+            "auto" => over_http,
+            "on" => true,
+            "off" => false,
+            _ => {
+                return Err(ConfigError::InvalidPayloadSigning {
+                    value: value.to_string(),
+                    origin,
+                });
+            }
+        },
     };
     Ok(Some(S3Settings {
         bucket: bucket.to_string(),

@@ -204,6 +204,24 @@ fn perm_bits(mode: u32) -> u16 {
     (mode & 0o7777) as u16
 }
 
+/// A file's owner and mode as the lower tiers keep them with its copy.
+fn file_owner(node: &crate::namespace::Inode) -> crate::store::FileOwner {
+    crate::store::FileOwner {
+        uid: node.uid,
+        gid: node.gid,
+        perm: node.perm,
+    }
+}
+
+/// The owner a lower tier kept, for the namespace.
+fn owner_from(o: crate::store::FileOwner) -> Owner {
+    Owner {
+        uid: o.uid,
+        gid: o.gid,
+        perm: o.perm,
+    }
+}
+
 impl Kvfs {
     pub fn new(host: HostTier, root: Caller) -> Kvfs {
         let now = SystemTime::now();

@@ -14,13 +14,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use lru::LruCache;
 
-use super::{FsError, Kvfs, Result, io_err, lock};
+use super::{FsError, Kvfs, Result, file_owner, io_err, lock, owner_from};
 use crate::namespace::{Ino, Namespace, NodeKind, NsError, Owner};
 use crate::store::HostFile;
 use crate::store::host::FileStat;
 use crate::store::host::Room;
 use crate::store::host::SetTime;
-use crate::store::nvme::{FileOwner, NvmeError, NvmeTier, Recovered, Staged};
+use crate::store::nvme::{NvmeError, NvmeTier, Recovered, Staged};
 
 /// A request to the flusher; `done` hears the outcome (fsync waits on it).
 pub(super) struct FlushJob {
@@ -152,11 +152,7 @@ impl Kvfs {
             let mut recovered = recovered;
             recovered.sort_by_key(|r| r.mtime);
             for r in recovered {
-                let owner = r.owner.map_or(owner, |o| Owner {
-                    uid: o.uid,
-                    gid: o.gid,
-                    perm: o.perm,
-                });
+                let owner = r.owner.map_or(owner, owner_from);
                 match ns.insert_sealed(&r.key, owner, r.mtime) {
                     Ok(ino) => {
                         lru.put(ino, ());
@@ -344,11 +340,7 @@ impl Kvfs {
         if now != key {
             tracing::debug!(ino, from = %key, to = %now, "renamed while copied to NVMe");
         }
-        let owner = ns.get(ino).ok().map(|n| FileOwner {
-            uid: n.uid,
-            gid: n.gid,
-            perm: n.perm,
-        });
+        let owner = ns.get(ino).ok().map(file_owner);
         let (_, durable) = lower.tier.name(staged, &now, owner).map_err(nvme_err)?;
         if let Ok(path) = lower.tier.path_of(&now) {
             copy_times(&path, st.atime, st.mtime);
@@ -633,12 +625,7 @@ impl Kvfs {
         let Some(lower) = &self.lower else { return };
         let Ok(node) = ns.get(ino) else { return };
         let Some(key) = &node.lower.nvme else { return };
-        let owner = FileOwner {
-            uid: node.uid,
-            gid: node.gid,
-            perm: node.perm,
-        };
-        if let Err(e) = lower.tier.set_owner(key, owner) {
+        if let Err(e) = lower.tier.set_owner(key, file_owner(node)) {
             tracing::debug!(key = %key, error = %e, "owner not recorded on the NVMe copy");
         }
     }

@@ -26,9 +26,8 @@ use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
-use super::{FsError, Kvfs, Result, io_err, lock};
+use super::{FsError, Kvfs, Result, file_owner, io_err, lock, owner_from};
 use crate::namespace::{Ino, Namespace, NodeKind, NsError, Owner, RemoteCopy};
-use crate::store::FileOwner;
 use crate::store::host::SetTime;
 use crate::store::s3::{Found, ObjectInfo, S3Error, S3Tier};
 
@@ -156,23 +155,6 @@ fn s3_err(e: S3Error) -> FsError {
             op: "s3",
             source: std::io::Error::other(e.to_string()),
         },
-    }
-}
-
-fn owner_from(o: FileOwner) -> Owner {
-    Owner {
-        uid: o.uid,
-        gid: o.gid,
-        perm: o.perm,
-    }
-}
-
-/// A file's owner and mode as the tiers store them.
-fn file_owner(node: &crate::namespace::Inode) -> FileOwner {
-    FileOwner {
-        uid: node.uid,
-        gid: node.gid,
-        perm: node.perm,
     }
 }
 
@@ -644,7 +626,7 @@ impl Kvfs {
             };
             if let Some(o) = owner
                 && !mine_pending
-                && (node.uid, node.gid, node.perm) != (o.uid, o.gid, o.perm)
+                && file_owner(node) != o
             {
                 tracing::debug!(ino, key = %key, owner = %o.encode(), "owner from the object");
                 node.uid = o.uid;
