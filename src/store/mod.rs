@@ -8,6 +8,7 @@
 use std::io;
 use std::os::fd::RawFd;
 
+pub mod body_pool;
 pub mod host;
 pub mod nvme;
 pub mod s3;

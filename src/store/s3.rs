@@ -31,6 +31,7 @@ use aws_sdk_s3::types::{
     ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, MetadataDirective,
 };
 
+use super::body_pool::BodyPool;
 use super::{FileOwner, pread_full, pwrite_all};
 
 /// Metadata keys (sent as `x-amz-meta-*`).
@@ -181,6 +182,8 @@ pub struct S3Tier {
     part_size: u64,
     concurrency: usize,
     sign_payload: bool,
+    /// Upload bodies' memory, reused from one upload to the next.
+    bodies: Arc<BodyPool>,
     /// Whether the last request got an answer (any answer, even 404).
     healthy: AtomicBool,
     pub counters: Arc<S3Counters>,
@@ -201,6 +204,10 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Objects up to this size are uploaded with one PUT.
 const SINGLE_PUT_MAX: u64 = 64 << 20;
+/// At most this many idle upload bodies are kept. The pool never holds
+/// more than were in flight at once (a buffer is made only when none is
+/// free), so this only bounds what an unusually wide moment leaves behind.
+const BODIES_KEPT: usize = 64;
 /// The largest object one CopyObject may copy (S3's limit).
 const COPY_MAX: u64 = 5 << 30;
 /// A metadata rewrite whose object keeps changing under it gives up after
@@ -316,6 +323,7 @@ impl S3Tier {
             part_size: cfg.part_size.max(5 << 20),
             concurrency: cfg.concurrency.max(1),
             sign_payload: cfg.sign_payload,
+            bodies: BodyPool::new(BODIES_KEPT),
             healthy: AtomicBool::new(true),
             counters: Arc::default(),
         })
@@ -440,6 +448,12 @@ impl S3Tier {
         }
     }
 
+    /// Lets go of upload memory not in use once uploads have been quiet
+    /// for a second; the uploaders call it when they wait for work.
+    pub fn trim_bodies(&self) {
+        self.bodies.trim_if_quiet(Duration::from_secs(1));
+    }
+
     /// Whether uploaded bodies are hashed into their requests' signature.
     pub fn signs_payload(&self) -> bool {
         self.sign_payload
@@ -462,10 +476,11 @@ impl S3Tier {
         // several files in flight, and a multipart upload costs three more
         // requests and a server-side join.
         let crc = if len <= SINGLE_PUT_MAX.max(self.part_size) {
-            let mut buf = vec![0u8; len as usize];
-            pread_full(fd, &mut buf, 0).map_err(|source| S3Error::Io {
-                op: "read for upload",
-                source,
+            let buf = self.bodies.body(len as usize, |b| {
+                pread_full(fd, b, 0).map_err(|source| S3Error::Io {
+                    op: "read for upload",
+                    source,
+                })
             })?;
             let crc = crc32c::crc32c(&buf);
             let req = self
@@ -583,10 +598,11 @@ impl S3Tier {
             let off = i * self.part_size;
             let n = (len - off).min(self.part_size) as usize;
             let permit = Arc::clone(&sem).acquire_owned().await;
-            let mut buf = vec![0u8; n];
-            pread_full(fd, &mut buf, off).map_err(|source| S3Error::Io {
-                op: "read for upload",
-                source,
+            let buf = self.bodies.body(n, |b| {
+                pread_full(fd, b, off).map_err(|source| S3Error::Io {
+                    op: "read for upload",
+                    source,
+                })
             })?;
             let crc = b64(crc32c::crc32c(&buf));
             let req = self

@@ -1347,6 +1347,7 @@ fn upload_loop(core: Weak<Kvfs>) {
             // then and the core can end with the mount.
             let q = lock(&remote.jobs);
             let _ = remote.wake.wait_timeout(q, Duration::from_millis(200));
+            remote.tier.trim_bodies();
             continue;
         };
         let id = claim.id;
