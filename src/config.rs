@@ -217,7 +217,7 @@ pub struct S3Settings {
 /// H100 machine, local server, 16 writers, scripts/bench-s3 (drain vs raw
 /// PUT, connector write rate): 4 uploads 0.27x, 5.9 GB/s; 8: 0.54x, 5.4;
 /// 16: 0.55x, 2.0; 32: 0.49x, 1.7.
-pub const DEFAULT_S3_UPLOADS: usize = 8;
+pub const DEFAULT_S3_UPLOADS: usize = 16;
 const MAX_S3_UPLOADS: i64 = 256;
 
 /// How log lines are written.

@@ -899,37 +899,89 @@ fn thread_nices(pid: u32) -> Vec<(String, i64)> {
     out
 }
 
-// Uploads are background work: their threads give the CPU to the writers
-// (nice 10), the daemon's other threads keep the normal priority.
+// Uploads are background work: their threads, and the threads that send
+// their bodies, give the CPU to the writers (nice 10); the daemon's other
+// threads, the S3 runtime's that serve lookups and reads among them, keep
+// the normal priority.
 #[test]
 fn uploader_threads_run_below_the_writers_priority() {
     let srv = S3Server::start();
     let m = mount(&srv, "kv/nice", &["--s3-uploads", "3"]);
     assert_eq!(s3_status(&m)["uploads"], 3);
     let pid = m.pid().expect("daemon pid");
+    let background = |n: &str| n == "kvfs-upload" || n == "kvfs-s3-upload";
     let threads = poll(
         10,
         || format!("threads: {:?}", thread_nices(pid)),
         || {
             let t = thread_nices(pid);
-            (t.iter().filter(|(n, _)| n == "kvfs-upload").count() == 3).then_some(t)
+            let count = |name: &str| t.iter().filter(|(n, _)| n == name).count();
+            (count("kvfs-upload") == 3 && count("kvfs-s3-upload") >= 1).then_some(t)
         },
     );
     for (name, nice) in &threads {
-        if name == "kvfs-upload" {
-            assert_eq!(*nice, 10, "uploader at nice {nice}: {threads:?}");
+        if background(name) {
+            assert_eq!(*nice, 10, "{name} at nice {nice}: {threads:?}");
         }
     }
     assert!(
-        threads
-            .iter()
-            .any(|(n, nice)| n != "kvfs-upload" && *nice == 0),
-        "no thread left at nice 0: {threads:?}"
+        threads.iter().any(|(n, nice)| n == "kvfs-s3" && *nice == 0),
+        "no S3 runtime thread at nice 0: {threads:?}"
     );
     // Still uploading, of course.
     let data = block(7, 1 << 20);
     store_llmd(&m.path("a.bin"), &data);
     wait_object(&srv, "kv/nice/a.bin", &data, 30);
+}
+
+// While writers store blocks, half of the uploads run (each takes CPU and
+// memory bandwidth from the writers); once they stop, all of them drain
+// what is left.
+#[test]
+fn half_the_uploads_run_while_writers_store() {
+    let srv = S3Server::start();
+    let m = mount(&srv, "kv/held", &["--s3-uploads", "4"]);
+    let st = s3_status(&m);
+    assert_eq!(st["uploads_allowed"], 4, "nothing written yet: {st}");
+    let data = block(11, 4 << 20);
+    let field = |st: &serde_json::Value, k: &str| st[k].as_u64().expect(k);
+    // Store until a backlog has built up behind the two uploads allowed,
+    // looking at the status after each file.
+    let (mut written, mut held, mut over) = (0u64, 0u64, 0u64);
+    while written < 24 || field(&s3_status(&m), "backlog_jobs") < 12 {
+        assert!(written < 400, "no backlog built up: {}", m.status());
+        store_llmd(&m.path(&format!("w{written}.bin")), &data);
+        written += 1;
+        let st = s3_status(&m);
+        if field(&st, "uploads_allowed") == 2 {
+            held += 1;
+            // A seal can come while more were running since a pause.
+            over += u64::from(field(&st, "uploads_running") > 2);
+        }
+    }
+    assert!(
+        held * 4 >= written * 3,
+        "uploads held back after only {held} of {written} stores"
+    );
+    assert!(
+        over * 10 <= held,
+        "more than 2 uploads ran in {over} of {held} looks while writing"
+    );
+    // Writers stopped: all four run.
+    let mut most = 0;
+    loop {
+        let st = s3_status(&m);
+        if field(&st, "uploads_allowed") == 4 {
+            most = most.max(field(&st, "uploads_running"));
+        }
+        if field(&st, "backlog_jobs") == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(most > 2, "at most {most} uploads ran after the writes");
+    wait_uploaded(&m, written, 60);
+    wait_object(&srv, &format!("kv/held/w{}.bin", written - 1), &data, 30);
 }
 
 /// A TCP proxy in front of the server that records the value of every

@@ -174,6 +174,9 @@ pub struct Kvfs {
     ns: Mutex<Namespace>,
     host: HostTier,
     handles: Mutex<HashMap<u64, Handle>>,
+    /// File handles open for writing: while any is, a writer is busy and
+    /// uploads hold back (see `remote::upload_limit`).
+    writable_handles: AtomicU64,
     next_fh: AtomicU64,
     data_mode: Mutex<DataMode>,
     invalidator: OnceLock<Invalidator>,
@@ -234,6 +237,7 @@ impl Kvfs {
             ns: Mutex::new(Namespace::new(owner, now)),
             host,
             handles: Mutex::new(HashMap::new()),
+            writable_handles: AtomicU64::new(0),
             next_fh: AtomicU64::new(1),
             data_mode: Mutex::new(DataMode::Fallback),
             invalidator: OnceLock::new(),
@@ -335,8 +339,16 @@ impl Kvfs {
         lock(&self.ns)
     }
 
+    /// File handles open for writing now.
+    pub(super) fn writable_handles(&self) -> u64 {
+        self.writable_handles.load(Ordering::Relaxed)
+    }
+
     fn new_fh(&self, handle: Handle) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        if let Handle::File { writable: true, .. } = handle {
+            self.writable_handles.fetch_add(1, Ordering::Relaxed);
+        }
         lock(&self.handles).insert(fh, handle);
         fh
     }
@@ -801,6 +813,9 @@ impl Kvfs {
         else {
             return Ok(());
         };
+        if writable {
+            self.writable_handles.fetch_sub(1, Ordering::Relaxed);
+        }
         let mut ns = self.ns();
         let sealed = ns.release(ino, writable)?;
         if sealed && let Ok(node) = ns.get_mut(ino) {

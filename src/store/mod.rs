@@ -15,6 +15,24 @@ pub mod s3;
 
 pub use host::{HostFile, HostTier, HostUsage};
 
+/// Nice value of the threads that move data to a lower tier in the
+/// background (the uploaders and the threads that send their bodies).
+/// The engine's writers storing blocks come first. On the GPU machine
+/// (server and clients on separate cores, 16 writer threads) the connector
+/// stored 9-24% faster in four A/B pairs with the uploaders at 10, and the
+/// drain moved by -4% to +5%.
+pub const BACKGROUND_NICE: libc::c_int = 10;
+
+/// Lowers the calling thread's CPU priority (Linux nice values are per
+/// thread). Failure only costs the writers some CPU: logged, not fatal.
+pub fn lower_this_threads_priority(nice: libc::c_int) {
+    // SAFETY: plain syscalls about the calling thread; no memory is shared.
+    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
+    if r != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), nice, "could not lower the thread's priority");
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// Open or still-written data fills the tier; nothing can be evicted.

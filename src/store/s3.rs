@@ -5,6 +5,11 @@
 //!
 //! Blocking API over a small tokio runtime the tier owns, because its
 //! callers are FUSE worker threads and the core's background threads.
+//! Uploads have a runtime and a client of their own whose threads run at
+//! a lower priority: the socket sends of a drain are background work, and
+//! on a shared runtime they would take the writers' CPU at full priority
+//! (a separate client, because a connection is driven by the runtime that
+//! opened it, and lookups and reads must never wait on a niced thread).
 //!
 //! Integrity: every object carries the CRC32C of its whole contents in its
 //! metadata (`x-amz-meta-kvfs-crc32c`), and every request body carries an
@@ -176,6 +181,9 @@ pub struct S3Counters {
 pub struct S3Tier {
     rt: tokio::runtime::Runtime,
     client: Client,
+    /// Uploads only; see the module doc.
+    upload_rt: tokio::runtime::Runtime,
+    upload_client: Client,
     credentials: Option<aws_sdk_s3::config::SharedCredentialsProvider>,
     bucket: String,
     prefix: String,
@@ -208,6 +216,9 @@ const SINGLE_PUT_MAX: u64 = 64 << 20;
 /// more than were in flight at once (a buffer is made only when none is
 /// free), so this only bounds what an unusually wide moment leaves behind.
 const BODIES_KEPT: usize = 64;
+/// Threads that drive the uploads' connections: sending is a copy into
+/// the socket, so two keep 16 uploads in flight.
+const UPLOAD_WORKERS: usize = 2;
 /// The largest object one CopyObject may copy (S3's limit).
 const COPY_MAX: u64 = 5 << 30;
 /// A metadata rewrite whose object keeps changing under it gives up after
@@ -289,6 +300,16 @@ impl S3Tier {
                 op: "start s3 runtime",
                 source,
             })?;
+        let upload_rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(UPLOAD_WORKERS)
+            .thread_name("kvfs-s3-upload")
+            .on_thread_start(|| super::lower_this_threads_priority(super::BACKGROUND_NICE))
+            .enable_all()
+            .build()
+            .map_err(|source| S3Error::Io {
+                op: "start s3 upload runtime",
+                source,
+            })?;
         let timeouts = aws_config::timeout::TimeoutConfig::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .operation_attempt_timeout(ATTEMPT_TIMEOUT)
@@ -308,7 +329,10 @@ impl S3Tier {
             // S3-compatible servers rarely care; the signer needs one.
             conf = conf.region(aws_config::Region::new("us-east-1"));
         }
-        let client = Client::from_conf(conf.build());
+        let conf = conf.build();
+        // Each client gets its own HTTP client and connection pool.
+        let upload_client = Client::from_conf(conf.clone());
+        let client = Client::from_conf(conf);
         let credentials = shared.credentials_provider();
         let prefix = match cfg.prefix.trim_matches('/') {
             "" => String::new(),
@@ -317,6 +341,8 @@ impl S3Tier {
         Ok(S3Tier {
             rt,
             client,
+            upload_rt,
+            upload_client,
             credentials,
             bucket: cfg.bucket.clone(),
             prefix,
@@ -484,7 +510,7 @@ impl S3Tier {
             })?;
             let crc = crc32c::crc32c(&buf);
             let req = self
-                .client
+                .upload_client
                 .put_object()
                 .bucket(&self.bucket)
                 .key(&full)
@@ -494,7 +520,7 @@ impl S3Tier {
                 .metadata(META_OWNER, owner.encode())
                 .body(ByteStream::from(buf));
             let sign = self.sign_payload;
-            self.rt
+            self.upload_rt
                 .block_on(async move {
                     if sign {
                         req.send().await
@@ -505,7 +531,7 @@ impl S3Tier {
                 .map_err(|e| self.fail("put", key, e))?;
             crc
         } else {
-            self.rt
+            self.upload_rt
                 .block_on(self.multipart(key, &full, fd, len, mtime, owner))?
         };
         self.ok();
@@ -538,7 +564,7 @@ impl S3Tier {
         }
         drop(buf);
         let created = self
-            .client
+            .upload_client
             .create_multipart_upload()
             .bucket(&self.bucket)
             .key(full)
@@ -553,7 +579,7 @@ impl S3Tier {
         let res = self.upload_parts(key, full, &upload_id, fd, len).await;
         match res {
             Ok(done) => {
-                self.client
+                self.upload_client
                     .complete_multipart_upload()
                     .bucket(&self.bucket)
                     .key(full)
@@ -571,7 +597,7 @@ impl S3Tier {
             Err(e) => {
                 // Best effort: a leftover upload is invisible to readers.
                 let _ = self
-                    .client
+                    .upload_client
                     .abort_multipart_upload()
                     .bucket(&self.bucket)
                     .key(full)
@@ -606,7 +632,7 @@ impl S3Tier {
             })?;
             let crc = b64(crc32c::crc32c(&buf));
             let req = self
-                .client
+                .upload_client
                 .upload_part()
                 .bucket(&self.bucket)
                 .key(full)
@@ -615,7 +641,7 @@ impl S3Tier {
                 .checksum_crc32_c(crc.clone())
                 .body(ByteStream::from(buf));
             let sign = self.sign_payload;
-            tasks.push(self.rt.spawn(async move {
+            tasks.push(self.upload_rt.spawn(async move {
                 let out = if sign {
                     req.send().await
                 } else {
