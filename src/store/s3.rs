@@ -552,17 +552,19 @@ impl S3Tier {
     ) -> Result<u32> {
         let parts = len.div_ceil(self.part_size);
         let mut whole = 0u32;
-        let mut buf = vec![0u8; self.part_size as usize];
         for i in 0..parts {
             let off = i * self.part_size;
             let n = (len - off).min(self.part_size) as usize;
-            pread_full(fd, &mut buf[..n], off).map_err(|source| S3Error::Io {
-                op: "read for upload",
-                source,
+            // A pooled buffer: it goes back at the end of the pass and is
+            // the first part's body a moment later.
+            let buf = self.bodies.body(n, |b| {
+                pread_full(fd, b, off).map_err(|source| S3Error::Io {
+                    op: "read for upload",
+                    source,
+                })
             })?;
-            whole = crc32c::crc32c_append(whole, &buf[..n]);
+            whole = crc32c::crc32c_append(whole, &buf);
         }
-        drop(buf);
         let created = self
             .upload_client
             .create_multipart_upload()
