@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// O_DIRECT alignment: the page size of every machine we run on, and what
 /// vLLM's probe writes.
@@ -671,7 +671,11 @@ pub struct RunSpec {
 /// not the client's. With one thread this is wall time minus that work; with
 /// several it is the busiest thread's share of the I/O. `bytes` counts data
 /// moved: a skipped store moves none (its lookup time still counts).
-/// `gbps` is `bytes / seconds / 1e9`.
+/// `gbps` is `bytes / seconds / 1e9`. `first_io_unix_s` and
+/// `last_io_unix_s` are the wall-clock times (seconds since the epoch) at
+/// which the first file's I/O began and the last one's ended, so that a
+/// caller timing what follows the writes (an upload drain) can start its
+/// clock at the first byte rather than at this process's start.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RunReport {
     pub phase: String,
@@ -681,6 +685,8 @@ pub struct RunReport {
     pub bytes: u64,
     pub seconds: f64,
     pub gbps: f64,
+    pub first_io_unix_s: Option<f64>,
+    pub last_io_unix_s: Option<f64>,
 }
 
 #[derive(Default)]
@@ -688,6 +694,28 @@ struct Tally {
     io_time: Duration,
     skipped: u64,
     bytes: u64,
+    first_io: Option<SystemTime>,
+    last_io: Option<SystemTime>,
+}
+
+impl Tally {
+    /// Marks the start of one file's I/O.
+    fn begin(&mut self) -> Instant {
+        let now = SystemTime::now();
+        self.first_io = Some(self.first_io.map_or(now, |f| f.min(now)));
+        Instant::now()
+    }
+
+    /// Marks the end of the I/O begun at `started`.
+    fn end(&mut self, started: Instant) {
+        self.io_time += started.elapsed();
+        self.last_io = Some(SystemTime::now());
+    }
+}
+
+fn unix_s(t: Option<SystemTime>) -> Option<f64> {
+    t.and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_secs_f64())
 }
 
 /// Runs `work(index, &mut tally)` for every file on `spec.threads` threads.
@@ -745,6 +773,8 @@ where
     let mut total = Tally::default();
     for t in tallies {
         total.io_time = total.io_time.max(t.io_time);
+        total.first_io = total.first_io.into_iter().chain(t.first_io).min();
+        total.last_io = total.last_io.into_iter().chain(t.last_io).max();
         total.skipped += t.skipped;
         total.bytes += t.bytes;
     }
@@ -765,6 +795,8 @@ fn report(spec: &RunSpec, phase: &str, tally: Tally) -> RunReport {
         } else {
             0.0
         },
+        first_io_unix_s: unix_s(tally.first_io),
+        last_io_unix_s: unix_s(tally.last_io),
     }
 }
 
@@ -792,12 +824,12 @@ pub fn run_store(spec: &RunSpec) -> Result<RunReport, ConnectorError> {
         |buf, index, tally| {
             fill_block(buf, spec.seed, index);
             let path = block_path(&spec.root, spec.pattern, index);
-            let t0 = Instant::now();
+            let t0 = tally.begin();
             let outcome = match spec.pattern {
                 Pattern::Vllm => vllm_store(&path, buf, o_direct),
                 Pattern::Llmd => llmd_store(&path, buf),
             }?;
-            tally.io_time += t0.elapsed();
+            tally.end(t0);
             match outcome {
                 StoreOutcome::Stored => tally.bytes += spec.file_size as u64,
                 StoreOutcome::Skipped => tally.skipped += 1,
@@ -827,7 +859,7 @@ pub fn run_load(spec: &RunSpec) -> Result<RunReport, ConnectorError> {
         },
         |buf, index, tally| {
             let path = block_path(&spec.root, spec.pattern, index);
-            let t0 = Instant::now();
+            let t0 = tally.begin();
             let data: &[u8] = match buf {
                 LoadBuf::Aligned(b) => {
                     vllm_load(&path, b, o_direct)?;
@@ -845,7 +877,7 @@ pub fn run_load(spec: &RunSpec) -> Result<RunReport, ConnectorError> {
                     v
                 }
             };
-            tally.io_time += t0.elapsed();
+            tally.end(t0);
             if let Some(offset) = check_block(data, spec.seed, index) {
                 return Err(ConnectorError::Corrupt { path, offset });
             }
@@ -1158,8 +1190,17 @@ mod tests {
                 threads: 4,
                 seed: 77,
             };
+            let before = unix_s(Some(SystemTime::now())).expect("clock");
             let stored = run_store(&spec).expect("run_store");
+            let after = unix_s(Some(SystemTime::now())).expect("clock");
             assert_eq!((stored.files, stored.skipped), (24, 0));
+            // The I/O span lies within the call and holds the I/O time.
+            let (first, last) = (
+                stored.first_io_unix_s.expect("first I/O"),
+                stored.last_io_unix_s.expect("last I/O"),
+            );
+            assert!(before <= first && first <= last && last <= after);
+            assert!(last - first >= stored.seconds - 1e-3, "{stored:?}");
             assert_eq!(stored.bytes, 24 * 16 * PAGE as u64);
             assert_eq!(stored.pattern, pattern.to_string());
             let again = run_store(&spec).expect("run_store again");
